@@ -1,0 +1,137 @@
+"""The batch job: sources -> pipeline -> backbone -> store, resumable.
+
+Every file is read and hashed once. Content already in the store is never
+decoded or embedded again: an unchanged file is skipped, a renamed or copied
+file reuses its vectors, a changed file gets new ones. Bad files are recorded
+in /failures with the reason and never stop the job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from embedstore.backbones import Backbone, load_backbone
+from embedstore.pipeline import DEFAULT_MAX_PIXELS, batched, resizer, stream
+from embedstore.sources import scan
+from embedstore.store import StoreWriter
+
+
+@dataclass
+class Progress:
+    """Reported after every file: enough for a bar with rate and failures."""
+
+    done: int = 0
+    total: int = 0
+    embedded: int = 0
+    reused: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    backbone: str
+    total: int
+    embedded: int
+    reused: int
+    unchanged: int
+    failed: int
+    seconds: float
+    images_per_second: float
+    new_failures: list[dict]
+
+
+def backbone_meta(backbone: Backbone) -> dict:
+    """How the store records the backbone that made its vectors."""
+    return {"name": backbone.name, "fingerprint": backbone.fingerprint, "dim": backbone.dim,
+            "config": backbone.config()}
+
+
+def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "mobilenet_v2",
+            batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+            commit_every: int = 512, workers: int | None = None,
+            progress: Callable[[Progress], None] | None = None) -> ExtractResult:
+    """Embed every image under IMAGES that the store does not hold yet."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    source = scan(images)
+    if isinstance(backbone, str):
+        backbone = load_backbone(backbone)
+    resize = resizer(backbone.input_size, backbone.crop_fraction)
+    refs = source.images
+    state = Progress(total=len(refs))
+    new_failures: list[dict] = []
+    since_commit = 0
+
+    with StoreWriter(store, backbone_meta(backbone)) as writer:
+
+        def embed(batch: list) -> None:
+            nonlocal since_commit
+            vectors = backbone.embed(np.stack([item.pixels for _, item in batch]))
+            writer.add(vectors, [ref.relpath for ref, _ in batch],
+                       [item.sha256 for _, item in batch], [ref.label for ref, _ in batch])
+            state.embedded += len(batch)
+            since_commit += len(batch)
+            if since_commit >= commit_every:
+                writer.commit()
+                since_commit = 0
+
+        to_embed = _classify(stream([r.path for r in refs], resize, writer.known, max_pixels,
+                                    workers), refs, writer, source.root, state, new_failures,
+                             progress)
+        for batch in batched(to_embed, batch_size):
+            embed(batch)
+            if progress:
+                progress(state)
+    return ExtractResult(str(store), backbone.name, state.total, state.embedded, state.reused,
+                         state.unchanged, state.failed, round(state.seconds, 3),
+                         round(state.images_per_second, 2), new_failures)
+
+
+def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
+              new_failures: list, progress):
+    """Record known content and failures as they stream past; yield what needs the model."""
+    for item in loaded:
+        ref = refs[item.index]
+        state.done += 1
+        if item.error is not None:
+            state.failed += 1
+            if not writer.failed_before(ref.relpath, item.sha256 or ""):
+                writer.add_failure(ref.relpath, item.sha256, item.error)
+                new_failures.append({"path": ref.relpath, "reason": item.error})
+        elif item.pixels is None:
+            if writer.path_sha.get(ref.relpath) == item.sha256:
+                state.unchanged += 1
+            else:
+                _reuse(writer, ref, item.sha256, root)
+                state.reused += 1
+        else:
+            yield ref, item
+            continue
+        if progress:
+            progress(state)
+
+
+def _reuse(writer: StoreWriter, ref, sha: str, root: str) -> None:
+    """Known content at a new path: a rename (old path gone) or a copy."""
+    old_paths = [p for p in writer.sha_paths.get(sha, []) if p != ref.relpath]
+    writer.add_copy(ref.relpath, sha, ref.label)
+    for old in old_paths:
+        if writer.path_sha.get(old) == sha and not os.path.exists(os.path.join(root, old)):
+            writer.remove(old)

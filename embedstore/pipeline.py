@@ -1,0 +1,168 @@
+"""Streaming image pipeline: read -> hash -> decode -> resize, in parallel, bounded.
+
+Decoding uses Pillow because it reads every format users have (JPEG incl.
+CMYK and EXIF orientation, PNG incl. 16-bit and palettes, GIF, BMP, WebP,
+TIFF) and tells us *why* a file is bad; its decoders release the GIL, so a
+thread pool decodes in parallel. Resizing uses one TensorFlow function,
+`resize_for_backbone`, shared with the exported model so that both see
+exactly the same pixels.
+
+Memory is bounded by the in-flight window, not by the number of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000  # a 100-megapixel cap stops decompression bombs
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable limit before decoding
+
+
+class DecodeError(ValueError):
+    """A file that cannot become an image; the message is the reason stored."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB, upright, transparency on white."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except Exception as exc:
+        raise DecodeError(f"unreadable image header ({exc})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over the "
+                          f"limit of {max_pixels} (raise it with --max-pixels)")
+    if width == 0 or height == 0:
+        raise DecodeError("image has no pixels")
+    try:
+        img = ImageOps.exif_transpose(img)  # loads the first frame, honours orientation
+        return _to_rgb(img)
+    except DecodeError:
+        raise
+    except Exception as exc:  # truncated, corrupt data, unsupported variants
+        raise DecodeError(f"corrupt or truncated image data ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode != "F" and a.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            peak = max(1.0, float(a.max(initial=1.0)))
+        gray = np.clip(np.round(a * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+_RESIZE_CACHE: dict = {}
+
+
+def resize_for_backbone(image, size: int, crop_fraction: float):
+    """(H, W, 3) uint8 -> (size, size, 3) float32 pixels in [0, 255].
+
+    crop_fraction 1.0 squashes the whole image to size x size; below 1 it
+    resizes the shorter side to size / crop_fraction and crops the centre
+    (torchvision's Resize(256) + CenterCrop(224) for 0.875). Bilinear with
+    antialiasing. Works eagerly and inside a tf.function or SavedModel.
+    """
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    if crop_fraction >= 1.0:
+        return tf.image.resize(image, (size, size), antialias=True)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / crop_fraction) / tf.reduce_min(shape)
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+    image = tf.image.resize(image, new, antialias=True)
+    top = (new[0] - size) // 2
+    left = (new[1] - size) // 2
+    return tf.ensure_shape(image[top:top + size, left:left + size, :], (size, size, 3))
+
+
+def resizer(size: int, crop_fraction: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled resize_for_backbone for one (size, crop) pair; one op dispatch per image."""
+    import tensorflow as tf
+
+    key = (size, float(crop_fraction))
+    if key not in _RESIZE_CACHE:
+        _RESIZE_CACHE[key] = tf.function(
+            lambda img: resize_for_backbone(img, size, crop_fraction),
+            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    fn = _RESIZE_CACHE[key]
+    return lambda img: fn(img).numpy()
+
+
+@dataclass
+class Loaded:
+    """One file after the pipeline: pixels to embed, known content, or a failure."""
+
+    index: int
+    sha256: str | None = None
+    pixels: np.ndarray | None = None  # (S, S, 3) float32 when it needs embedding
+    error: str | None = None  # the reason when the file failed
+
+
+def load_file(path: str, resize: Callable, skip: Callable[[str], bool],
+              max_pixels: int = DEFAULT_MAX_PIXELS, index: int = 0) -> Loaded:
+    """Read, hash, and (unless `skip(sha)` says it is known) decode and resize."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return Loaded(index, error=f"unreadable file ({exc.strerror or exc})")
+    sha = hashlib.sha256(data).hexdigest()
+    if skip(sha):
+        return Loaded(index, sha)
+    try:
+        return Loaded(index, sha, pixels=resize(decode_image(data, max_pixels)))
+    except DecodeError as exc:
+        return Loaded(index, sha, error=str(exc))
+    except Exception as exc:  # e.g. a resize of a degenerate 1-pixel image
+        return Loaded(index, sha, error=f"cannot resize image ({type(exc).__name__}: {exc})")
+
+
+def stream(paths: Iterable[str], resize: Callable, skip: Callable[[str], bool] = lambda s: False,
+           max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+           window: int = 256) -> Iterator[Loaded]:
+    """Load files in parallel, yielding results in input order.
+
+    At most `window` files are in flight, so memory does not grow with the
+    number of images; decoding runs ahead of the consumer (the prefetch).
+    """
+    workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        for i, path in enumerate(paths):
+            pending.append(pool.submit(load_file, path, resize, skip, max_pixels, i))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
