@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from embedstore.backbones import Backbone, load_backbone
-from embedstore.pipeline import DEFAULT_MAX_PIXELS, batched, resizer, stream
+from embedstore.pipeline import DEFAULT_MAX_PIXELS, Resizer, batched, stream
 from embedstore.sources import scan
 from embedstore.store import StoreWriter
 
@@ -73,7 +73,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     source = scan(images)
     if isinstance(backbone, str):
         backbone = load_backbone(backbone)
-    resize = resizer(backbone.input_size, backbone.crop_fraction)
+    resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     refs = source.images
     state = Progress(total=len(refs))
     new_failures: list[dict] = []
@@ -83,7 +83,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
 
         def embed(batch: list) -> None:
             nonlocal since_commit
-            vectors = backbone.embed(np.stack([item.pixels for _, item in batch]))
+            vectors = backbone.embed(resizer.batch([item.image for _, item in batch]))
             writer.add(vectors, [ref.relpath for ref, _ in batch],
                        [item.sha256 for _, item in batch], [ref.label for ref, _ in batch])
             state.embedded += len(batch)
@@ -92,7 +92,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                 writer.commit()
                 since_commit = 0
 
-        to_embed = _classify(stream([r.path for r in refs], resize, writer.known, max_pixels,
+        to_embed = _classify(stream([r.path for r in refs], resizer, writer.known, max_pixels,
                                     workers), refs, writer, source.root, state, new_failures,
                              progress)
         for batch in batched(to_embed, batch_size):
@@ -115,7 +115,7 @@ def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
             if not writer.failed_before(ref.relpath, item.sha256 or ""):
                 writer.add_failure(ref.relpath, item.sha256, item.error)
                 new_failures.append({"path": ref.relpath, "reason": item.error})
-        elif item.pixels is None:
+        elif item.image is None:
             if writer.path_sha.get(ref.relpath) == item.sha256:
                 state.unchanged += 1
             else:
