@@ -1,0 +1,5 @@
+"""`python -m embedstore` runs the command line."""
+
+from embedstore_cli import main
+
+main()

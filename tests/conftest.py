@@ -1,0 +1,67 @@
+"""Shared fixtures: the real backbone (loaded once) and small real image sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "fashion-mnist-sample"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Converted weights go to a per-run cache, as on a fresh machine."""
+    os.environ["EMBEDSTORE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from embedstore.backbones import load_backbone
+
+    return load_backbone("mobilenet_v2")
+
+
+@pytest.fixture(scope="session")
+def china_path() -> str:
+    import sklearn.datasets
+
+    return str(Path(sklearn.datasets.__file__).parent / "images" / "china.jpg")
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    """3 classes x 4 real Fashion-MNIST images, in class folders."""
+    root = tmp_path / "images"
+    for cls in ["Bag", "Sneaker", "Trouser"]:
+        (root / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE / cls).glob("*.png"))[:4]:
+            shutil.copy(p, root / cls / p.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory, backbone) -> Path:
+    """The bundled 300-image sample, extracted once for every test that reads a store."""
+    from embedstore.extract import extract
+
+    store = tmp_path_factory.mktemp("store") / "sample.h5"
+    extract(SAMPLE, store, backbone)
+    return store
+
+
+def photo(seed: int = 0, size=(96, 64)) -> Image.Image:
+    """A small image with structure (gradients and a block), different per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([(x * 255 // w), (y * 255 // h), np.full_like(x, rng.integers(0, 255))], -1)
+    a[h // 4: h // 2, w // 4: w // 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(a.astype(np.uint8))

@@ -1,0 +1,122 @@
+"""Decoding every format users have, and refusing bad files with a reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedstore.pipeline import DecodeError, Resizer, decode_image, resize_for_backbone
+from embedstore.sources import SourceError, scan
+from tests.conftest import photo
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decodes_common_formats_to_rgb_uint8():
+    img = photo(1)
+    for fmt in ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"]:
+        out = decode_image(_encode(img, fmt))
+        assert out.dtype == np.uint8 and out.shape == (64, 96, 3), fmt
+
+
+def test_cmyk_and_grayscale_jpeg():
+    cmyk = decode_image(_encode(photo(2).convert("CMYK"), "JPEG"))
+    gray = decode_image(_encode(photo(2).convert("L"), "JPEG"))
+    assert cmyk.shape == gray.shape == (64, 96, 3)
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_exif_orientation_is_honoured():
+    img = photo(3)  # 96 wide, 64 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(_encode(img, "JPEG", exif=exif))
+    assert out.shape == (96, 64, 3)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    out = decode_image(_encode(rgba, "PNG"))
+    assert tuple(out[4, 4]) == (255, 255, 255) and tuple(out[0, 0]) == (0, 0, 255)
+    pal = photo(4).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    assert decode_image(_encode(pal, "PNG", transparency=0)).shape == (64, 96, 3)
+
+
+def test_sixteen_bit_png_keeps_its_range():
+    a = (np.linspace(0, 65535, 64 * 96).reshape(64, 96)).astype(np.uint16)
+    out = decode_image(_encode(Image.fromarray(a), "PNG"))
+    assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (10, 10), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue())
+    assert out[5, 5, 0] > 200 and out[5, 5, 1] < 50
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty"),
+    (b"this is not an image at all", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "unreadable|corrupt|not an image"),
+])
+def test_bad_bytes_fail_with_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_jpeg_fails():
+    data = _encode(photo(5, (400, 300)), "JPEG")
+    with pytest.raises(DecodeError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 3])
+
+
+def test_pixel_limit_refuses_bombs_before_decoding():
+    data = _encode(photo(6), "PNG")
+    with pytest.raises(DecodeError, match="over the limit of 1000"):
+        decode_image(data, max_pixels=1000)
+
+
+def test_batched_resize_equals_single_resize():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(rng.integers(0, 255, (700, 600, 3), dtype=np.uint8))  # resized early
+    r = Resizer(224, 0.875)
+    batch = r.batch([r.early(i) for i in images])
+    single = np.stack([resize_for_backbone(i, 224, 0.875).numpy() for i in images])
+    assert batch.shape == (4, 224, 224, 3)
+    np.testing.assert_allclose(batch, single, atol=1e-4)
+
+
+def test_scan_class_tree_is_sorted_and_skips_hidden_and_non_images(tmp_path):
+    for rel in ["b/2.png", "b/1.JPG", "a/x/3.webp", "a/.hidden.png", ".git/4.png", "a/notes.txt"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")  # a cycle: walked once
+    src = scan(tmp_path)
+    assert src.labelled and src.classes == ["a", "b"]
+    assert [r.relpath for r in src.images] == ["a/x/3.webp", "b/1.JPG", "b/2.png"]
+
+
+def test_scan_flat_folder_and_file_list(tmp_path):
+    (tmp_path / "one.png").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "two.png").write_bytes(b"x")
+    flat = scan(tmp_path)
+    assert not flat.labelled and [r.label for r in flat.images] == [None, None]
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nsub/two.png\n\none.png\nsub/two.png\n")
+    assert [r.relpath for r in scan(lst).images] == ["one.png", "sub/two.png"]
+    with pytest.raises(SourceError, match="does not exist"):
+        scan(tmp_path / "missing")
