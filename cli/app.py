@@ -194,3 +194,200 @@ def compact_cmd(store) -> None:
 
     changed = merge(store)
     click.echo(f"{store}: {'merged pending parts' if changed else 'nothing to merge'}", err=True)
+
+
+# --- heads: train / sweep / evaluate -------------------------------------------------
+
+def _float_or_auto(text: str):
+    return text if text == "auto" else float(text)
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    """"256" -> (256,); "512x128" -> (512, 128); "0" or "none" -> ()."""
+    if text.lower() in ("", "0", "none"):
+        return ()
+    return tuple(int(t) for t in text.lower().split("x"))
+
+
+def _class_weight(text: str):
+    return None if text == "none" else text
+
+
+# option -> (head parameter, parser, heads it applies to)
+HEAD_OPTIONS = {
+    "C": ("C", _float_or_auto, {"logreg"}),
+    "class_weight": ("class_weight", _class_weight, {"logreg", "dense", "knn"}),
+    "hidden": ("hidden", _hidden, {"dense"}),
+    "dropout": ("dropout", float, {"dense"}),
+    "label_smoothing": ("label_smoothing", float, {"dense"}),
+    "optimizer": ("optimizer", str, {"dense"}),
+    "learning_rate": ("learning_rate", float, {"dense"}),
+    "momentum": ("momentum", float, {"dense"}),
+    "epochs": ("epochs", int, {"dense"}),
+    "batch_size": ("batch_size", int, {"dense"}),
+    "patience": ("patience", int, {"dense"}),
+    "k": ("k", int, {"knn"}),
+    "weights": ("weights", str, {"knn"}),
+}
+
+
+def head_options(multi: bool):
+    """The head hyper-parameter options; with multi, each takes a comma list (sweep)."""
+    lst = " (comma list)" if multi else ""
+    specs = [
+        ("--C", "C", f"logreg: inverse regularisation, or 'auto' to cross-validate{lst}."),
+        ("--class-weight", "class_weight", f"'balanced' or 'none' (all heads){lst}."),
+        ("--hidden", "hidden", f"dense: hidden sizes, e.g. 256 or 512x128; 0 for none{lst}."),
+        ("--dropout", "dropout", f"dense: dropout rate{lst}."),
+        ("--label-smoothing", "label_smoothing", f"dense: label smoothing{lst}."),
+        ("--optimizer", "optimizer", f"dense: adam or sgd (with momentum){lst}."),
+        ("--learning-rate", "learning_rate", f"dense: learning rate{lst}."),
+        ("--momentum", "momentum", f"dense: SGD momentum{lst}."),
+        ("--epochs", "epochs", f"dense: most epochs (early stopping on validation loss){lst}."),
+        ("--head-batch-size", "batch_size", f"dense: training batch size{lst}."),
+        ("--patience", "patience", f"dense: early-stopping patience in epochs{lst}."),
+        ("--k", "k", f"knn: neighbours{lst}."),
+        ("--weights", "weights", f"knn: uniform or distance{lst}."),
+    ]
+
+    def decorate(f):
+        for flag, dest, help_text in reversed(specs):
+            f = click.option(flag, dest, default=None, help=help_text)(f)
+        return f
+
+    return decorate
+
+
+def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
+    """Turn the given options into head parameters; refuse ones that do not apply."""
+    params = {}
+    for dest, raw in given.items():
+        if raw is None:
+            continue
+        name, parse, heads = HEAD_OPTIONS[dest]
+        if head not in heads:
+            if multi:
+                continue  # a sweep option for another head in the same sweep
+            flag = "--" + ("head-batch-size" if dest == "batch_size" else dest.replace("_", "-"))
+            raise click.UsageError(f"{flag} applies to the {'/'.join(sorted(heads))} head, "
+                                   f"not {head}")
+        try:
+            params[name] = [parse(v.strip()) for v in raw.split(",")] if multi else parse(raw)
+        except ValueError:
+            raise click.UsageError(f"cannot read {raw!r} for --{dest.replace('_', '-')}") from None
+    return params
+
+
+HEAD_CHOICE = click.Choice(["logreg", "dense", "knn"])
+
+
+@cli.command("train")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--head", default="logreg", show_default=True, type=HEAD_CHOICE,
+              help="logreg: standardise + multinomial logistic regression; dense: a Keras "
+                   "head; knn: cosine nearest neighbours.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of images held out for validation (by content hash: stable).")
+@click.option("--seed", default=0, show_default=True, help="Split seed.")
+@head_options(multi=False)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
+def train_cmd(store, out_dir, head, val_fraction, seed, as_json, **options) -> None:
+    """Train a classifier head on STORE's embeddings; write it to OUT_DIR.
+
+    OUT_DIR gets the model (model.joblib, plus model.keras for dense),
+    manifest.json (head, hyper-parameters, classes, backbone fingerprint,
+    store, rows hash, split, versions) and metrics.json (val_accuracy,
+    val_macro_f1, train_seconds, ...).
+    """
+    from embedstore.train import train
+
+    params = parse_head_params(head, options)
+    metrics = train(store, out_dir, head=head, val_fraction=val_fraction, seed=seed, **params)
+    if as_json:
+        _json_out(metrics)
+        return
+    click.echo(f"{head}: val_accuracy {metrics.get('val_accuracy', float('nan')):.4f}  "
+               f"val_macro_f1 {metrics.get('val_macro_f1', float('nan')):.4f}  "
+               f"train {metrics['n_train']} rows in {metrics['train_seconds']:.2f} s  "
+               f"-> {out_dir}")
+    if metrics.get("chosen_C") is not None and params.get("C") == "auto":
+        click.echo(f"cross-validation chose C = {metrics['chosen_C']}")
+    if metrics["duplicates_across_classes"]:
+        click.echo(f"warning: {metrics['duplicates_across_classes']} images appear under two "
+                   f"or more classes (see {out_dir}/manifest.json)", err=True)
+
+
+@cli.command("sweep")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--head", "heads", multiple=True, type=HEAD_CHOICE,
+              help="Head type to include; repeat for several [default: logreg, dense, knn].")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--seed", default=0, show_default=True, help="Split seed.")
+@head_options(multi=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
+def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
+    """Train many heads / hyper-parameters on one STORE; print a leaderboard.
+
+    Each option takes a comma list and the grid is every combination, per
+    head, of the options that apply to it. Example:
+
+      embedstore sweep flowers.h5 --head logreg --head knn --C 0.01,0.1,1 --k 5,20
+    """
+    from embedstore.train import grid, sweep
+
+    candidates = []
+    for head in heads or ("logreg", "dense", "knn"):
+        candidates += grid(head, parse_head_params(head, options, multi=True))
+
+    def on_result(m):
+        if not as_json and _tty():
+            click.echo(f"  done: {m['head']} {m['params']} -> {m.get('val_accuracy', 0):.4f}",
+                       err=True)
+
+    board = sweep(store, candidates, val_fraction, seed, on_result)
+    if as_json:
+        _json_out(board)
+        return
+    click.echo(f"{'rank':<5}{'head':<8}{'val_acc':>8}{'val_f1':>8}{'train_s':>9}  params")
+    for i, m in enumerate(board, 1):
+        params = ", ".join(f"{k}={v}" for k, v in m["params"].items()) or "defaults"
+        click.echo(f"{i:<5}{m['head']:<8}{m.get('val_accuracy', 0):>8.4f}"
+                   f"{m.get('val_macro_f1', 0):>8.4f}{m['train_seconds']:>9.2f}  {params}")
+
+
+@cli.command("evaluate")
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print every metric as JSON.")
+@click.option("--assert-accuracy-at-least", "min_accuracy", type=float,
+              help="Exit with code 1 when accuracy is below this.")
+@click.option("--no-plots", is_flag=True, help="Do not write PNGs.")
+def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
+    """Evaluate the head in HEAD_DIR on its validation split, or on every labelled row of
+    STORE (a test set extracted with the same backbone).
+
+    Reports accuracy, top-k accuracy, macro F1, per-class precision / recall /
+    F1 / support and the confusion matrix; writes confusion_matrix.png (and
+    loss.png, accuracy.png for dense heads) into HEAD_DIR.
+    """
+    from embedstore.train import evaluate_head
+
+    result = evaluate_head(head_dir, store, plots=not no_plots)
+    if as_json:
+        _json_out(result)
+    else:
+        topk = next(k for k in result if k.startswith("top"))
+        click.echo(f"{result['source']}: {result['n']} images")
+        click.echo(f"accuracy {result['accuracy']:.4f}  {topk.replace('_', ' ')} "
+                   f"{result[topk]:.4f}  macro F1 {result['macro_f1']:.4f}")
+        click.echo(f"{'class':<24}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
+        for name, m in result["per_class"].items():
+            click.echo(f"{name:<24}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}"
+                       f"{m['support']:>9}")
+        for p in result.get("plots", []):
+            click.echo(f"wrote {p}")
+    if min_accuracy is not None and result["accuracy"] < min_accuracy:
+        click.echo(f"embedstore: accuracy {result['accuracy']:.4f} is below "
+                   f"{min_accuracy}", err=True)
+        sys.exit(1)
