@@ -391,3 +391,78 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
         click.echo(f"embedstore: accuracy {result['accuracy']:.4f} is below "
                    f"{min_accuracy}", err=True)
         sys.exit(1)
+
+
+# --- predict / export ----------------------------------------------------------------
+
+@cli.command("predict")
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1),
+              help="How many classes to list per image.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False),
+              help="Reuse embeddings of images already in this store (no backbone run).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON list: path, label, probability, top_k, cached; or path, error.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: path,label,probability,top_k,error.")
+def predict_cmd(head_dir, paths, top_k, store, batch_size, as_json, as_csv) -> None:
+    """Predict labels for image files and folders (recursive) with the head in HEAD_DIR.
+
+    Images go through the same pipeline as extraction, with the backbone the
+    head was trained on. Unreadable files are reported and the rest still
+    predicted; the exit code is non-zero only if nothing could be predicted.
+    """
+    from embedstore.predict import predict
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size)
+    if as_json:
+        _json_out(results)
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "label", "probability", "top_k", "error"])
+        for r in results:
+            topk = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.get("top_k", []))
+            writer.writerow([r["path"], r.get("label", ""),
+                             f"{r['probability']:.6f}" if "probability" in r else "", topk,
+                             r.get("error", "")])
+    else:
+        width = min(60, max(len(r["path"]) for r in results))
+        for r in results:
+            if "error" in r:
+                click.echo(f"{r['path']:<{width}}  error: {r['error']}")
+            else:
+                others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top_k"][1:])
+                click.echo(f"{r['path']:<{width}}  {r['label']:<16} {r['probability']:7.1%}"
+                           + (f"   ({others})" if others else ""))
+    failed = sum("error" in r for r in results)
+    if failed and not (as_json or as_csv):
+        click.echo(f"{failed} of {len(results)} files could not be predicted", err=True)
+    if failed == len(results):
+        sys.exit(1)
+
+
+@cli.command("export")
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", default="savedmodel", show_default=True,
+              type=click.Choice(["savedmodel", "keras", "tflite"]),
+              help="savedmodel: a directory with image-bytes and uint8 signatures; "
+                   "keras / tflite: one file on resized pixels.")
+def export_cmd(head_dir, out, fmt) -> None:
+    """Export backbone + head in HEAD_DIR as one model: image in, probabilities out.
+
+    The SavedModel's `serving_default` takes encoded JPEG/PNG/GIF/BMP bytes
+    ([N] string), `predict_images` a uint8 batch [N, H, W, 3]; both resize
+    the way embedstore does and return probabilities, label and probability.
+    The keras and tflite files take [N, S, S, 3] RGB floats in [0, 255]
+    already resized. labels.txt and export.json are written beside.
+    """
+    from embedstore.export import export
+
+    path = export(head_dir, out, fmt)
+    click.echo(f"exported {fmt} to {path}", err=True)

@@ -100,6 +100,9 @@ def resize_for_backbone(image, size: int, crop_fraction: float):
     return image[..., top:top + size, left:left + size, :]
 
 
+_COMPILED_RESIZE: dict = {}
+
+
 class Resizer:
     """resize_for_backbone compiled once, applied to whole batches.
 
@@ -113,9 +116,12 @@ class Resizer:
         import tensorflow as tf
 
         self.size, self.crop_fraction, self.inline_pixels = size, crop_fraction, inline_pixels
-        self._fn = tf.function(
-            lambda x: resize_for_backbone(x, size, crop_fraction),
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        key = (size, float(crop_fraction))
+        if key not in _COMPILED_RESIZE:  # one graph per policy, shared by every Resizer
+            _COMPILED_RESIZE[key] = tf.function(
+                lambda x: resize_for_backbone(x, size, crop_fraction),
+                input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        self._fn = _COMPILED_RESIZE[key]
 
     def early(self, image: np.ndarray) -> np.ndarray:
         """Resize now if the decoded image is big; otherwise leave it for the batch."""

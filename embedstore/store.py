@@ -549,3 +549,21 @@ def _write_store(path: Path, files, entries, failures, backbone, absorbed: int) 
         _write_strings(out, "failures/paths", list(failures))
         _write_strings(out, "failures/sha256", [s for s, _ in failures.values()])
         _write_strings(out, "failures/reasons", [r for _, r in failures.values()])
+
+
+def copy_rows(source: str | Path, destination: str | Path, rows) -> int:
+    """Write a new store holding only `rows` of SOURCE (same backbone, vectors copied)."""
+    source, destination = Path(source), Path(destination)
+    rows = np.asarray(rows, dtype=np.int64)
+    with _open_h5(source) as f:
+        classes = _strings(f["classes"])
+        paths, sha, labels, views = (_strings(f["paths"]), _strings(f["sha256"]),
+                                     f["labels"][()], f["views"][()])
+        entries = [(paths[r], sha[r], classes[labels[r]] if labels[r] >= 0 else "",
+                    int(views[r]), (0, int(r))) for r in rows]
+        fd = _acquire_lock(destination)
+        try:
+            _write_store(destination, [f], entries, {}, backbone_attrs(f), 0)
+        finally:
+            os.close(fd)
+    return len(entries)

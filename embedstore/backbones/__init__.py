@@ -49,7 +49,7 @@ class BackboneSpec:
 class Backbone:
     """A built backbone: model (pixels in [0, 255] -> vectors) plus its config."""
 
-    name: str
+    name: str  # what load_backbone() takes to build it again
     model: Any  # a keras.Model, or a callable for TF-Hub models
     input_size: int
     dim: int
@@ -92,7 +92,7 @@ class Backbone:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save(directory / "backbone.keras")
-        meta = {"name": self.name, "weights_source": self.weights_source, **self.config()}
+        meta = {"based_on": self.name, "weights_source": self.weights_source, **self.config()}
         (directory / SAVED_BACKBONE_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -196,7 +196,8 @@ def _load_keras_application(app: str, weights: str | None) -> Backbone:
     features = trunk(x)
     embedder = keras.Model(inputs, features, name=f"{app}_features")
     classifier = keras.Model(inputs, probs, name=f"{app}_imagenet")
-    return Backbone(f"keras:{app}", embedder, size, int(features.shape[-1]), prep,
+    name = f"keras:{app}@{Path(weights).resolve()}" if local else f"keras:{app}"
+    return Backbone(name, embedder, size, int(features.shape[-1]), prep,
                     crop_fraction=1.0,
                     weights_source=weights or "keras.applications (downloads imagenet weights)",
                     classifier=classifier)
@@ -246,7 +247,8 @@ def _load_hub(handle: str, input_size: int = 224) -> Backbone:
     if len(probe.shape) != 2:
         raise BackboneError(f"hub:{handle} returns shape {probe.shape}; "
                             "need an image feature-vector model (batch, dim)")
-    return Backbone(f"hub:{handle}", model, input_size, int(probe.shape[-1]),
+    name = f"hub:{Path(handle).resolve()}" if is_path else f"hub:{handle}"
+    return Backbone(name, model, input_size, int(probe.shape[-1]),
                     _HUB_PREPROCESSING, crop_fraction=1.0,
                     weights_source=handle if is_path else f"TF-Hub {handle}")
 
@@ -264,7 +266,7 @@ def _load_saved(directory: Path) -> Backbone:
     except Exception as exc:
         raise BackboneError(f"{directory} is not a readable embedstore backbone "
                             f"({type(exc).__name__}); save one with Backbone.save") from None
-    return Backbone(meta["name"], model, meta["input_size"], meta["dim"],
+    return Backbone(str(directory.resolve()), model, meta["input_size"], meta["dim"],
                     meta["preprocessing"], crop_fraction=meta["crop_fraction"],
                     weights_source=str(directory))
 

@@ -1,0 +1,185 @@
+"""Export: backbone + head -> one deployable model, image in, probabilities out.
+
+The head becomes Keras layers on top of the backbone (which carries its own
+preprocessing layer):
+  logreg  one Dense softmax layer with the standardisation folded in
+  dense   the trained Keras head itself
+  knn     a KNNVotes layer holding the normalised training vectors: the same
+          cosine top-k vote as the scikit-learn head, not an approximation
+
+Formats:
+  savedmodel  signatures `serving_default` (encoded JPEG/PNG/GIF/BMP bytes,
+              shape [N] string) and `predict_images` (uint8 [N, H, W, 3]);
+              both resize exactly as embedstore does (resize_for_backbone).
+              Outputs: probabilities [N, C], label [N] string, probability [N].
+  keras       a .keras model on resized pixels [N, S, S, 3] in [0, 255]
+  tflite      the same as keras, as a TensorFlow Lite flatbuffer
+Every format is written with labels.txt (one class per line, output order).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from embedstore.heads import DenseHead, KNNHead, LogRegHead, load_head
+from embedstore.pipeline import resize_for_backbone
+from embedstore.predict import head_backbone
+from embedstore.train import read_manifest
+
+FORMATS = ("savedmodel", "keras", "tflite")
+
+
+class ExportError(ValueError):
+    """The head cannot be exported as asked."""
+
+
+@keras.saving.register_keras_serializable(package="embedstore")
+class KNNVotes(keras.layers.Layer):
+    """Cosine k-nearest-neighbour class probabilities, as KNNHead computes them."""
+
+    def __init__(self, n_train: int, dim: int, n_classes: int, k: int,
+                 distance_weighted: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.n_train, self.dim, self.n_classes, self.k = n_train, dim, n_classes, k
+        self.distance_weighted = distance_weighted
+        self.vectors = self.add_weight(shape=(n_train, dim), initializer="zeros",
+                                       trainable=False, name="vectors")
+        # one-hot class of each training vector, times its class weight
+        self.votes = self.add_weight(shape=(n_train, n_classes), initializer="zeros",
+                                     trainable=False, name="votes")
+
+    def call(self, x):
+        x = x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+        similarity = ops.matmul(x, ops.transpose(self.vectors))
+        top, idx = ops.top_k(similarity, self.k)
+        weight = ops.maximum(top if self.distance_weighted else ops.ones_like(top), 1e-6)
+        votes = ops.sum(ops.take(self.votes, idx, axis=0) * weight[..., None], axis=1)
+        return votes / ops.sum(votes, axis=-1, keepdims=True)
+
+    def get_config(self):
+        return {**super().get_config(), "n_train": self.n_train, "dim": self.dim,
+                "n_classes": self.n_classes, "k": self.k,
+                "distance_weighted": self.distance_weighted}
+
+
+def head_layer(head, dim: int):
+    """The fitted head as a Keras layer (or model) from embeddings to probabilities."""
+    if isinstance(head, LogRegHead):
+        W, b = head.folded_linear()
+        layer = keras.layers.Dense(W.shape[1], activation="softmax", name="logreg")
+        layer.build((None, dim))
+        layer.set_weights([W, b])
+        return layer
+    if isinstance(head, DenseHead):
+        return head.model_
+    if isinstance(head, KNNHead):
+        layer = KNNVotes(len(head.X_), dim, len(head.classes_), head.k_,
+                         distance_weighted=head.weights == "distance", name="knn")
+        layer.build((None, dim))
+        onehot = np.eye(len(head.classes_), dtype=np.float32)[head.y_index_]
+        layer.set_weights([head.X_, onehot * head.class_weight_[head.y_index_, None]])
+        return layer
+    raise ExportError(f"cannot export a {type(head).__name__}")
+
+
+def build_model(head_dir: str | Path, backbone=None) -> tuple[keras.Model, dict]:
+    """One Keras model: resized pixels in [0, 255] -> class probabilities."""
+    manifest = read_manifest(head_dir)
+    backbone = backbone or head_backbone(manifest)
+    if not isinstance(backbone.model, keras.Model):
+        raise ExportError(f"backbone {backbone.name} is not a Keras model; export needs one "
+                          "(mobilenet_v2, keras:<Application> or a saved embedstore backbone)")
+    size = backbone.input_size
+    pixels = keras.Input((size, size, 3), name="pixels")
+    probabilities = head_layer(load_head(head_dir), backbone.dim)(backbone.model(pixels))
+    return keras.Model(pixels, probabilities, name="embedstore_classifier"), manifest
+
+
+def decode_for_export(data, size: int, crop_fraction: float):
+    """Encoded bytes -> resized float pixels, in TensorFlow (for the SavedModel)."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, expand_animations=False)  # native channels, uint8
+    image = tf.cast(image, tf.float32)
+    channels = tf.shape(image)[-1]
+    color = tf.cond(channels >= 3, lambda: image[..., :3],
+                    lambda: tf.tile(image[..., :1], [1, 1, 3]))
+    alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:] / 255.0,
+                    lambda: tf.ones_like(image[..., :1]))
+    rgb = tf.cast(tf.round(color * alpha + 255.0 * (1.0 - alpha)), tf.uint8)  # on white
+    return resize_for_backbone(rgb, size, crop_fraction)
+
+
+def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
+           backbone=None) -> Path:
+    """Write the deployable model to OUT (a directory for savedmodel, else a file)."""
+    import tensorflow as tf
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model, manifest = build_model(head_dir, backbone)
+    classes = manifest["classes"]
+    cfg = manifest["backbone"]["config"]
+    size, crop = cfg["input_size"], cfg["crop_fraction"]
+    out = Path(out)
+    if fmt == "savedmodel":
+        out.mkdir(parents=True, exist_ok=True)
+        _save_savedmodel(model, classes, size, crop, out)
+        labels_dir = out
+    elif fmt == "keras":
+        out = out if out.suffix == ".keras" else out.with_suffix(".keras")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save(out)
+        labels_dir = out.parent
+    else:
+        out = out if out.suffix == ".tflite" else out.with_suffix(".tflite")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # from_keras_model freezes the weights into the flatbuffer (converting a
+        # concrete function keeps them as variables nothing initialises: NaN out)
+        out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        labels_dir = out.parent
+    (labels_dir / "labels.txt").write_text("\n".join(classes) + "\n")
+    (labels_dir / "export.json").write_text(json.dumps({
+        "format": fmt, "file": out.name, "classes": classes, "input_size": size,
+        "crop_fraction": crop, "head": manifest["head"], "backbone": manifest["backbone"],
+        "pixels": "RGB float in [0, 255], resized by embedstore's resize_for_backbone"},
+        indent=2))
+    return out
+
+
+def _save_savedmodel(model, classes, size: int, crop: float, out: Path) -> None:
+    import tensorflow as tf
+
+    class Exported(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.model_variables = model.variables
+            self.classes = tf.constant(classes)
+
+        def _outputs(self, pixels):
+            probabilities = self.model(pixels, training=False)
+            best = tf.argmax(probabilities, axis=-1)
+            return {"probabilities": probabilities,
+                    "label": tf.gather(self.classes, best),
+                    "probability": tf.reduce_max(probabilities, axis=-1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve_bytes(self, images):
+            pixels = tf.map_fn(lambda b: decode_for_export(b, size, crop), images,
+                               fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+            return self._outputs(pixels)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                                     name="images")])
+        def serve_pixels(self, images):
+            return self._outputs(resize_for_backbone(images, size, crop))
+
+    module = Exported()
+    tf.saved_model.save(module, str(out), signatures={
+        "serving_default": module.serve_bytes, "predict_images": module.serve_pixels})

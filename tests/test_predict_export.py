@@ -1,0 +1,133 @@
+"""Prediction from the command line and export of one deployable model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from embedstore import predict as predict_module
+from embedstore.export import ExportError, export
+from embedstore.pipeline import Resizer, decode_image
+from embedstore.train import train
+from embedstore_cli.app import cli
+from tests.conftest import SAMPLE, photo
+
+FILES = sorted(SAMPLE.glob("*/*.png"))[::50]  # 6 images across classes
+
+
+@pytest.fixture(scope="module")
+def heads(sample_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    train(sample_store, root / "logreg", head="logreg")
+    train(sample_store, root / "dense", head="dense", hidden=(64,), epochs=8)
+    train(sample_store, root / "knn", head="knn", k=5, weights="distance")
+    return root
+
+
+def _cli_predict(*args) -> tuple[int, list]:
+    result = CliRunner().invoke(cli, ["predict", *map(str, args), "--json"])
+    return result.exit_code, (json.loads(result.output) if result.output.startswith("[") else [])
+
+
+def test_predict_json_reports_bad_files_and_predicts_the_rest(heads, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    code, out = _cli_predict(heads / "logreg", FILES[0], bad, FILES[1], "--top-k", "3")
+    assert code == 0 and [r["path"] for r in out] == [str(FILES[0]), str(bad), str(FILES[1])]
+    good = out[0]
+    assert set(good) >= {"path", "label", "probability", "top_k"}
+    assert good["top_k"][0] == {"label": good["label"], "probability": good["probability"]}
+    assert len(good["top_k"]) == 3 and good["label"] == FILES[0].parent.name
+    assert out[1]["path"] == str(bad) and "not an image" in out[1]["error"]
+    code, only_bad = _cli_predict(heads / "logreg", bad)
+    assert code == 1 and "error" in only_bad[0]
+
+
+def test_predict_walks_folders_and_writes_csv(heads):
+    result = CliRunner().invoke(cli, ["predict", str(heads / "knn"), str(SAMPLE / "Bag"), "--csv"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 0 and lines[0] == "path,label,probability,top_k,error"
+    assert len(lines) == 31 and sum(",Bag," in line for line in lines) >= 25
+
+
+def test_predict_with_store_reuses_cached_vectors(heads, sample_store, tmp_path, monkeypatch):
+    expected = predict_module.predict(heads / "logreg", [str(f) for f in FILES])
+
+    def no_backbone(_manifest):
+        raise AssertionError("the backbone should not be needed")
+
+    monkeypatch.setattr(predict_module, "head_backbone", no_backbone)
+    cached = predict_module.predict(heads / "logreg", [str(f) for f in FILES], store=sample_store)
+    assert all(r["cached"] for r in cached)
+    for a, b in zip(expected, cached):
+        assert a["label"] == b["label"] and b["probability"] == pytest.approx(a["probability"], abs=1e-4)
+    monkeypatch.undo()
+    new = tmp_path / "new.png"
+    photo(3).save(new)
+    mixed = predict_module.predict(heads / "logreg", [str(FILES[0]), str(new)], store=sample_store)
+    assert [r["cached"] for r in mixed] == [True, False]
+
+
+def test_predict_refuses_a_backbone_with_other_weights(heads, tmp_path):
+    head = tmp_path / "head"
+    shutil.copytree(heads / "logreg", head)
+    manifest = json.loads((head / "manifest.json").read_text())
+    manifest["backbone"]["fingerprint"] = "0" * 64
+    (head / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["predict", str(head), str(FILES[0])])
+    assert result.exit_code != 0 and "retrain the head" in str(result.exception)
+
+
+@pytest.mark.parametrize("kind", ["logreg", "dense", "knn"])
+def test_savedmodel_matches_predict(kind, heads, tmp_path):
+    import tensorflow as tf
+
+    expected = predict_module.predict(heads / kind, [str(f) for f in FILES], top_k=10)
+    result = CliRunner().invoke(cli, ["export", str(heads / kind), str(tmp_path / "sm")])
+    assert result.exit_code == 0, result.output
+    classes = (tmp_path / "sm" / "labels.txt").read_text().split()
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))  # plain TensorFlow, no embedstore
+    by_bytes = loaded.signatures["serving_default"](
+        images=tf.constant([f.read_bytes() for f in FILES]))
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in FILES])
+    by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))
+    for out in (by_bytes, by_pixels):
+        probs = out["probabilities"].numpy()
+        for r, p, label in zip(expected, probs, out["label"].numpy()):
+            assert label.decode() == r["label"]
+            for t in r["top_k"]:
+                assert p[classes.index(t["label"])] == pytest.approx(t["probability"], abs=1e-4)
+
+
+def test_keras_and_tflite_exports_match_predict(heads, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    expected = np.array([r["probability"] for r in
+                         predict_module.predict(heads / "dense", [str(f) for f in FILES])])
+    pixels = Resizer(224, 0.875).batch([decode_image(f.read_bytes()) for f in FILES])
+    model = keras.models.load_model(export(heads / "dense", tmp_path / "m.keras", "keras"))
+    np.testing.assert_allclose(model.predict(pixels, verbose=0).max(axis=1), expected, atol=1e-4)
+
+    interpreter = tf.lite.Interpreter(
+        model_path=str(export(heads / "logreg", tmp_path / "m", "tflite")))
+    expected = np.array([r["probability"] for r in
+                         predict_module.predict(heads / "logreg", [str(f) for f in FILES])])
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], pixels)
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(out.max(axis=1), expected, atol=1e-3)
+    assert (tmp_path / "labels.txt").read_text().split()[0] == "Ankle_boot"
+
+
+def test_export_refuses_unknown_formats(heads, tmp_path):
+    with pytest.raises(ExportError, match="choose one of"):
+        export(heads / "logreg", tmp_path / "x", "onnx")
