@@ -104,10 +104,12 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Commit to disk after this many new embeddings (the most a crash can lose).")
 @click.option("--workers", type=click.IntRange(1, 64), help="Decode threads [default: cores + 2].")
+@click.option("--prune", is_flag=True,
+              help="Drop rows (and failures) of files that are no longer under IMAGES.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                quiet, as_json) -> None:
+                prune, quiet, as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
@@ -135,7 +137,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     try:
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
-                         progress=on_progress)
+                         prune=prune, progress=on_progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -143,7 +145,8 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
         _json_out(result.__dict__)
     elif not quiet:
         click.echo(f"{result.total} images: {result.embedded} embedded, {result.reused} reused, "
-                   f"{result.unchanged} unchanged, {result.failed} failed in "
+                   f"{result.unchanged} unchanged, {result.failed} failed"
+                   + (f", {result.pruned} pruned" if prune else "") + " in "
                    f"{result.seconds:.1f} s ({result.images_per_second:.0f} img/s) -> {store}",
                    err=True)
         for f in result.new_failures[:10]:

@@ -32,6 +32,7 @@ class Progress:
     reused: int = 0
     unchanged: int = 0
     failed: int = 0
+    pruned: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -52,6 +53,7 @@ class ExtractResult:
     reused: int
     unchanged: int
     failed: int
+    pruned: int
     seconds: float
     images_per_second: float
     new_failures: list[dict]
@@ -65,9 +67,12 @@ def backbone_meta(backbone: Backbone) -> dict:
 
 def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "mobilenet_v2",
             batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-            commit_every: int = 512, workers: int | None = None,
+            commit_every: int = 512, workers: int | None = None, prune: bool = False,
             progress: Callable[[Progress], None] | None = None) -> ExtractResult:
-    """Embed every image under IMAGES that the store does not hold yet."""
+    """Embed every image under IMAGES that the store does not hold yet.
+
+    With prune, rows and failures of files no longer under IMAGES are dropped.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     source = scan(images)
@@ -99,8 +104,13 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             embed(batch)
             if progress:
                 progress(state)
+        if prune:
+            gone = writer.paths() - {r.relpath for r in refs}
+            for path in sorted(gone):
+                writer.remove(path)
+            state.pruned = len(gone)
     return ExtractResult(str(store), backbone.name, state.total, state.embedded, state.reused,
-                         state.unchanged, state.failed, round(state.seconds, 3),
+                         state.unchanged, state.failed, state.pruned, round(state.seconds, 3),
                          round(state.images_per_second, 2), new_failures)
 
 

@@ -352,8 +352,14 @@ class StoreWriter:
         self.failed[path] = sha or ""
 
     def remove(self, path: str) -> None:
+        """Forget `path`: its rows and any failure recorded for it."""
         self.pending.removed.append(path)
         self.path_sha.pop(path, None)
+        self.failed.pop(path, None)
+
+    def paths(self) -> set[str]:
+        """Every path the store has rows or a failure for."""
+        return set(self.path_sha) | set(self.failed)
 
     def _note(self, path: str, sha: str) -> None:
         self.known_sha.add(sha)
@@ -431,8 +437,7 @@ class _PathState:
     views: dict  # view -> (source index, row) or ("copy", sha, view)
 
 
-def merge(path: str | Path, _locked: bool = False, backbone: dict | None = None,
-          prune_missing: set[str] | None = None) -> bool:
+def merge(path: str | Path, _locked: bool = False, backbone: dict | None = None) -> bool:
     """Fold committed parts into the store file (atomically). True if anything changed.
 
     Takes the writer lock unless the caller holds it. Safe to re-run after a
@@ -442,15 +447,19 @@ def merge(path: str | Path, _locked: bool = False, backbone: dict | None = None,
     fd = None if _locked else _acquire_lock(path)
     try:
         parts = _unabsorbed_parts(path)
-        if not parts and not prune_missing:
+        if not parts:
             for p in parts_dir(path).glob("part-*.h5"):  # absorbed before a crash
                 p.unlink()
             return False
-        _rewrite(path, parts, backbone, prune_missing or set())
+        _rewrite(path, parts, backbone)
         for p in parts_dir(path).glob("part-*.h5"):
             p.unlink()
         for p in parts_dir(path).glob(".part-*.tmp-*"):
             p.unlink()
+        try:
+            parts_dir(path).rmdir()  # only when empty; a writer recreates it on commit
+        except OSError:
+            pass
         return True
     finally:
         if fd is not None:
@@ -466,7 +475,7 @@ def _unabsorbed_parts(path: Path) -> list[Path]:
                   if int(p.stem.split("-")[1]) > absorbed)
 
 
-def _rewrite(path: Path, parts: list[Path], backbone: dict | None, prune: set[str]) -> None:
+def _rewrite(path: Path, parts: list[Path], backbone: dict | None) -> None:
     sources = ([path] if path.exists() else []) + parts
     files = [_open_h5(p) for p in sources]
     try:
@@ -479,6 +488,7 @@ def _rewrite(path: Path, parts: list[Path], backbone: dict | None, prune: set[st
             names = _strings(f["classes"]) if is_main else None
             for p in _strings(f["removed"]) if "removed" in f else []:
                 state.pop(p, None)
+                failures.pop(p, None)
             for p, s, r in zip(_strings(f["failures/paths"]), _strings(f["failures/sha256"]),
                                _strings(f["failures/reasons"])):
                 state.pop(p, None)
@@ -495,8 +505,6 @@ def _rewrite(path: Path, parts: list[Path], backbone: dict | None, prune: set[st
                                        _strings(f["copies/label_names"])):
                     for v, where in sorted(by_sha.get(s, {0: None}).items()):
                         _put(state, failures, p, s, label, v, where)
-        for p in prune:
-            state.pop(p, None)
         entries = [(p, st.sha, st.label, v, where) for p, st in state.items()
                    for v, where in sorted(st.views.items()) if where is not None]
         absorbed = max([int(f.attrs.get("seq", 0)) for f in files[1:] if "seq" in f.attrs]

@@ -222,3 +222,19 @@ def test_cli_extract_summary_and_errors(small_tree, tmp_path):
         f["x"] = 1
     bad = runner.invoke(cli, ["info", str(not_store)])
     assert bad.exit_code != 0 and "not an embedstore store" in str(bad.exception or bad.output)
+
+
+def test_prune_drops_rows_and_failures_of_deleted_files(small_tree, tmp_path, backbone):
+    store = tmp_path / "p.h5"
+    (small_tree / "Bag" / "broken.png").write_bytes(b"nope")
+    extract(small_tree, store, backbone)
+    gone = sorted((small_tree / "Sneaker").glob("*.png"))[0]
+    gone.unlink()
+    (small_tree / "Bag" / "broken.png").unlink()
+    kept = extract(small_tree, store, backbone)  # without --prune the store keeps them
+    assert kept.pruned == 0 and f"Sneaker/{gone.name}" in _rows_by_path(store)
+    result = CliRunner().invoke(cli, ["extract", str(small_tree), str(store), "--prune", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["pruned"] == 2
+    with open_store(store) as s:
+        assert s.n_rows == 11 and f"Sneaker/{gone.name}" not in set(s.paths)
+        assert s.failures() == []

@@ -57,6 +57,14 @@ def test_sixteen_bit_png_keeps_its_range():
     assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
 
 
+def test_sixteen_bit_rgb_png_keeps_the_high_byte():
+    import tensorflow as tf
+
+    rgb16 = np.random.default_rng(0).integers(0, 65535, (20, 30, 3)).astype(np.uint16)
+    out = decode_image(tf.io.encode_png(rgb16).numpy())  # Pillow cannot write 48-bit PNG
+    assert np.array_equal(out, (rgb16 >> 8).astype(np.uint8))
+
+
 def test_gif_first_frame():
     frames = [Image.new("RGB", (10, 10), c) for c in [(255, 0, 0), (0, 255, 0)]]
     buf = io.BytesIO()
