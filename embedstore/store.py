@@ -36,6 +36,9 @@ FORMAT_VERSION = 1
 STR = h5py.string_dtype()
 EMBEDDING_CHUNK_ROWS = 64  # 320 KiB chunks at 1280-d: cheap random-row reads
 COPY_BLOCK_ROWS = 8192
+# Parts are merged once they hold as many rows as the store (and at least this
+# many): readers see new rows with bounded lag while total rewriting stays O(N).
+MERGE_FLOOR_ROWS = 4096
 
 
 class StoreError(ValueError):
@@ -256,10 +259,9 @@ class StoreWriter:
     re-run skips inference.
     """
 
-    def __init__(self, path: str | Path, backbone: dict, merge_every_rows: int | None = None):
+    def __init__(self, path: str | Path, backbone: dict):
         self.path = Path(path)
         self.backbone = backbone
-        self.merge_floor = merge_every_rows or 4096
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.path)
         try:
@@ -393,7 +395,7 @@ class StoreWriter:
         self._part_rows += len(rows.paths) + len(rows.copies)
         self.pending = PendingRows()
         main_rows = _row_count(self.path)
-        if self._part_rows >= max(main_rows, self.merge_floor):
+        if self._part_rows >= max(main_rows, MERGE_FLOOR_ROWS):
             merge(self.path, _locked=True, backbone=self.backbone)
             self._part_rows = 0
 
