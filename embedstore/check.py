@@ -25,7 +25,8 @@ def check_images(paths: list[str], backbone: str = "mobilenet_v2", top: int = 5)
     results = []
     for path in paths:
         try:
-            pixels = resizer.batch([decode_image(Path(path).read_bytes())])
+            pixels = resizer.batch([decode_image(Path(path).read_bytes(),
+                                                 min_side=resizer.min_side)])
         except (DecodeError, OSError) as exc:
             results.append({"path": path, "error": str(exc)})
             continue

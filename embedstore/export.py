@@ -27,7 +27,7 @@ import numpy as np
 from keras import ops
 
 from embedstore.heads import DenseHead, KNNHead, LogRegHead, load_head
-from embedstore.pipeline import resize_for_backbone
+from embedstore.pipeline import min_decode_side, resize_for_backbone
 from embedstore.predict import head_backbone
 from embedstore.train import read_manifest
 
@@ -100,8 +100,37 @@ def build_model(head_dir: str | Path, backbone=None) -> tuple[keras.Model, dict]
     return keras.Model(pixels, probabilities, name="embedstore_classifier"), manifest
 
 
+def _decode_jpeg_like_pillow(data, min_side: int):
+    """JPEG bytes -> uint8 RGB, pixel for pixel what pipeline.decode_image gives.
+
+    Pillow decodes with libjpeg's accurate integer IDCT (TensorFlow's default
+    is the fast one: up to 18 levels off) and at the DCT scale jpeg_scale picks.
+    """
+    import tensorflow as tf
+
+    shape = tf.image.extract_jpeg_shape(data)
+    short = tf.minimum(shape[0], shape[1])
+    # jpeg_scale in graph form: how many of the scales 2, 4, 8 keep short >= min_side
+    index = tf.add_n([tf.cast((short + s - 1) // s >= min_side, tf.int32) for s in (2, 4, 8)])
+    return tf.switch_case(index, [
+        lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
+        for r in (1, 2, 4, 8)])
+
+
 def decode_for_export(data, size: int, crop_fraction: float):
     """Encoded bytes -> resized float pixels, in TensorFlow (for the SavedModel)."""
+    import tensorflow as tf
+
+    min_side = min_decode_side(size, crop_fraction)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(is_jpeg,
+                   lambda: resize_for_backbone(_decode_jpeg_like_pillow(data, min_side),
+                                               size, crop_fraction),
+                   lambda: _decode_other(data, size, crop_fraction))
+
+
+def _decode_other(data, size: int, crop_fraction: float):
+    """PNG, GIF, BMP: native channels, gray expanded, transparency on white."""
     import tensorflow as tf
 
     image = tf.io.decode_image(data, expand_animations=False)  # native channels, uint8

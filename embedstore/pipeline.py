@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,29 @@ class DecodeError(ValueError):
     """A file that cannot become an image; the message is the reason stored."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> (H, W, 3) uint8 RGB, upright, transparency on white."""
+def jpeg_scale(width: int, height: int, min_side: int) -> int:
+    """The largest libjpeg DCT downscale (1, 2, 4 or 8) keeping the short side >= min_side.
+
+    Decoding a 12-megapixel JPEG at 1/8 scale costs a fraction of a full
+    decode and loses nothing the resize to ~256 pixels would keep. The export
+    computes the same rule in TensorFlow (export.decode_for_export); libjpeg
+    gives identical pixels in Pillow and TensorFlow for the same scale.
+    """
+    short = min(width, height)
+    return max([1] + [s for s in (2, 4, 8) if -(-short // s) >= min_side])
+
+
+def min_decode_side(size: int, crop_fraction: float) -> int:
+    """The short side resize_for_backbone scales to: decoding below it loses detail."""
+    return math.ceil(size / crop_fraction) if crop_fraction < 1.0 else size
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB, upright, transparency on white.
+
+    With min_side, a large JPEG is decoded at the DCT scale jpeg_scale picks.
+    """
     if not data:
         raise DecodeError("empty file")
     try:
@@ -47,6 +69,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                           f"limit of {max_pixels} (raise it with --max-pixels)")
     if width == 0 or height == 0:
         raise DecodeError("image has no pixels")
+    if min_side and img.format == "JPEG":
+        scale = jpeg_scale(width, height, min_side)
+        if scale > 1:  # Pillow picks the scale from the size asked for
+            img.draft(None, (width // scale, height // scale))
     try:
         img = ImageOps.exif_transpose(img)  # loads the first frame, honours orientation
         return _to_rgb(img)
@@ -116,6 +142,7 @@ class Resizer:
         import tensorflow as tf
 
         self.size, self.crop_fraction, self.inline_pixels = size, crop_fraction, inline_pixels
+        self.min_side = min_decode_side(size, crop_fraction)
         key = (size, float(crop_fraction))
         if key not in _COMPILED_RESIZE:  # one graph per policy, shared by every Resizer
             _COMPILED_RESIZE[key] = tf.function(
@@ -165,7 +192,8 @@ def load_file(path: str, resizer: Resizer, skip: Callable[[str], bool],
     if skip(sha):
         return Loaded(index, sha)
     try:
-        return Loaded(index, sha, image=resizer.early(decode_image(data, max_pixels)))
+        image = decode_image(data, max_pixels, resizer.min_side)
+        return Loaded(index, sha, image=resizer.early(image))
     except DecodeError as exc:
         return Loaded(index, sha, error=str(exc))
     except Exception as exc:  # e.g. a resize of a degenerate 1-pixel image

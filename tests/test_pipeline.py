@@ -128,3 +128,27 @@ def test_scan_flat_folder_and_file_list(tmp_path):
     assert [r.relpath for r in scan(lst).images] == ["one.png", "sub/two.png"]
     with pytest.raises(SourceError, match="does not exist"):
         scan(tmp_path / "missing")
+
+
+def test_jpeg_scale_keeps_the_short_side_above_the_target():
+    from embedstore.pipeline import jpeg_scale, min_decode_side
+
+    assert min_decode_side(224, 0.875) == 256 and min_decode_side(224, 1.0) == 224
+    assert jpeg_scale(640, 427, 256) == 1
+    assert jpeg_scale(1280, 854, 256) == 2
+    assert jpeg_scale(4032, 3024, 256) == 8
+    assert jpeg_scale(2047, 2047, 256) == 8 and jpeg_scale(2040, 2040, 256) == 4  # ceil(2040/8) = 255
+
+
+def test_scaled_jpeg_decode_is_pixel_identical_to_tensorflow(china_path):
+    """Pillow's DCT-scaled decode equals TensorFlow's accurate one: export relies on it."""
+    import tensorflow as tf
+
+    big = io.BytesIO()
+    Image.open(china_path).resize((1280, 854)).save(big, "JPEG", quality=92)
+    data = big.getvalue()
+    ours = decode_image(data, min_side=256)
+    assert ours.shape == (427, 640, 3)  # decoded at half size, short side still >= 256
+    theirs = tf.io.decode_jpeg(data, channels=3, ratio=2, dct_method="INTEGER_ACCURATE")
+    assert np.array_equal(ours, theirs.numpy())
+    assert decode_image(data).shape == (854, 1280, 3)  # without a target: full size

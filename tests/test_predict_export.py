@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,25 @@ def test_savedmodel_matches_predict(kind, heads, tmp_path):
             assert label.decode() == r["label"]
             for t in r["top_k"]:
                 assert p[classes.index(t["label"])] == pytest.approx(t["probability"], abs=1e-4)
+
+
+def test_savedmodel_matches_predict_on_jpeg_photos(heads, tmp_path, china_path):
+    """Photos, as a user's held-out set would be: full size and DCT-scaled, color and gray."""
+    import tensorflow as tf
+
+    photos = [Path(china_path)]
+    for name, size, mode in [("big.jpg", (1280, 854), "RGB"), ("gray.jpg", (900, 600), "L")]:
+        Image.open(china_path).convert(mode).resize(size).save(tmp_path / name, quality=90)
+        photos.append(tmp_path / name)
+    expected = predict_module.predict(heads / "logreg", [str(p) for p in photos], top_k=10)
+    export(heads / "logreg", tmp_path / "sm")
+    out = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"](
+        images=tf.constant([p.read_bytes() for p in photos]))
+    classes = (tmp_path / "sm" / "labels.txt").read_text().split()
+    for r, p, label in zip(expected, out["probabilities"].numpy(), out["label"].numpy()):
+        assert label.decode() == r["label"]
+        for t in r["top_k"]:
+            assert p[classes.index(t["label"])] == pytest.approx(t["probability"], abs=1e-4)
 
 
 def test_keras_and_tflite_exports_match_predict(heads, tmp_path):
