@@ -219,6 +219,7 @@ def _class_weight(text: str):
 # option -> (head parameter, parser, heads it applies to)
 HEAD_OPTIONS = {
     "C": ("C", _float_or_auto, {"logreg"}),
+    "max_iter": ("max_iter", int, {"logreg"}),
     "class_weight": ("class_weight", _class_weight, {"logreg", "dense", "knn"}),
     "hidden": ("hidden", _hidden, {"dense"}),
     "dropout": ("dropout", float, {"dense"}),
@@ -238,7 +239,8 @@ def head_options(multi: bool):
     """The head hyper-parameter options; with multi, each takes a comma list (sweep)."""
     lst = " (comma list)" if multi else ""
     specs = [
-        ("--C", "C", f"logreg: inverse regularisation, or 'auto' to cross-validate{lst}."),
+        ("--C", "C", f"logreg: inverse regularisation [0.1], or 'auto' to cross-validate{lst}."),
+        ("--max-iter", "max_iter", f"logreg: L-BFGS iteration budget [40]{lst}."),
         ("--class-weight", "class_weight", f"'balanced' or 'none' (all heads){lst}."),
         ("--hidden", "hidden", f"dense: hidden sizes, e.g. 256 or 512x128; 0 for none{lst}."),
         ("--dropout", "dropout", f"dense: dropout rate{lst}."),

@@ -9,11 +9,13 @@ the store's classes); `classes_` holds the ones seen in fit.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.neighbors import NearestNeighbors
@@ -37,10 +39,16 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
     C: inverse regularisation strength, or "auto" to choose it from `Cs` by
     stratified k-fold cross-validation (macro F1).
+
+    max_iter is an iteration budget, not a safety net: every L-BFGS iteration
+    streams the whole matrix through memory, and on embeddings test accuracy
+    plateaus long before the tolerance is met (Fashion-MNIST 60k: 0.897 after
+    40 iterations at C=0.1, 0.896 after 100). `converged_` says whether the
+    tolerance was reached within the budget.
     """
 
-    def __init__(self, C=1.0, Cs=(0.001, 0.01, 0.1, 1.0), cv: int = 3,
-                 max_iter: int = 300, tol: float = 1e-4, class_weight=None):
+    def __init__(self, C=0.1, Cs=(0.001, 0.01, 0.1, 1.0), cv: int = 3,
+                 max_iter: int = 40, tol: float = 1e-4, class_weight=None):
         self.C = C
         self.Cs = Cs
         self.cv = cv
@@ -54,6 +62,15 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         X, y = np.asarray(X, np.float32), np.asarray(y)
+        with warnings.catch_warnings():  # reported as converged_, not as a warning per fit
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self._fit(X, y)
+        self.classes_ = self.pipeline_.classes_
+        self.n_iter_ = int(np.max(self.pipeline_[-1].n_iter_))
+        self.converged_ = self.n_iter_ < self.max_iter
+        return self
+
+    def _fit(self, X, y) -> None:
         if self.C == "auto":
             n_splits = max(2, min(self.cv, int(np.bincount(y).min(initial=2))))
             search = GridSearchCV(self._pipeline(1.0), {"logisticregression__C": list(self.Cs)},
@@ -67,9 +84,6 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         else:
             self.C_ = float(self.C)
             self.pipeline_ = self._pipeline(self.C_).fit(X, y)
-        self.classes_ = self.pipeline_.classes_
-        self.n_iter_ = int(np.max(self.pipeline_[-1].n_iter_))
-        return self
 
     def predict_proba(self, X) -> np.ndarray:
         return self.pipeline_.predict_proba(np.asarray(X, np.float32))
@@ -137,7 +151,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, hidden=(256,), dropout: float = 0.2, label_smoothing: float = 0.0,
                  optimizer: str = "adam", learning_rate: float = 1e-3, momentum: float = 0.9,
-                 epochs: int = 20, batch_size: int = 128, early_stopping: bool = True,
+                 epochs: int = 20, batch_size: int = 256, early_stopping: bool = True,
                  patience: int = 3, validation_fraction: float = 0.1, class_weight=None,
                  random_state: int = 0, verbose: int = 0):
         self.hidden = hidden
@@ -174,8 +188,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             opt = keras.optimizers.SGD(self.learning_rate, momentum=self.momentum)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
+        # A head's step is tiny: run 32 of them per call, or Python overhead dominates
+        # (Fashion-MNIST 60k, 20 epochs: 57 s at batch 128 one step a call, 26 s now).
         model.compile(opt, keras.losses.CategoricalCrossentropy(
-            label_smoothing=self.label_smoothing), metrics=["accuracy"])
+            label_smoothing=self.label_smoothing), metrics=["accuracy"],
+            steps_per_execution=32)
         return model
 
     def fit(self, X, y, validation_data=None):

@@ -100,6 +100,7 @@ def fit_and_score(split: Split, head: str, params: dict) -> tuple[object, dict]:
                         **{f"val_{k}": v for k, v in m.items() if k.startswith("top")}})
     if getattr(model, "C_", None) is not None:
         metrics["chosen_C"] = model.C_
+        metrics["converged"] = model.converged_
     if isinstance(model, DenseHead):
         metrics["epochs_run"] = model.n_epochs_
     return model, metrics
