@@ -179,10 +179,7 @@ class StoreReader:
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         out = np.empty((len(rows), self.dim), np.float32)
-        sorted_rows = rows[order]
-        for start in range(0, len(rows), COPY_BLOCK_ROWS):
-            sel = sorted_rows[start:start + COPY_BLOCK_ROWS]
-            out[order[start:start + len(sel)]] = _read_rows(ds, sel)
+        out[order] = _read_rows(ds, rows[order])
         return out
 
     def iter_embeddings(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -222,14 +219,29 @@ def open_store(path: str | Path) -> StoreReader:
     return StoreReader(path)
 
 
-def _read_rows(ds, sorted_rows: np.ndarray) -> np.ndarray:
-    """Rows in increasing order: one slice when contiguous, else a block read and gather."""
+def _read_rows(ds, sorted_rows: np.ndarray, max_block_rows: int = COPY_BLOCK_ROWS) -> np.ndarray:
+    """Rows in increasing order, read as slices over the chunks that hold them.
+
+    h5py's point selection is slow (10k random rows of 70k took 2 s); slicing
+    runs of adjacent touched chunks reads each chunk once, in bounded blocks.
+    """
+    out = np.empty((len(sorted_rows), ds.shape[1]), ds.dtype)
     if len(sorted_rows) == 0:
-        return np.empty((0, ds.shape[1]), ds.dtype)
-    lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
-    if hi - lo <= 4 * len(sorted_rows):
-        return ds[lo:hi][sorted_rows - lo]
-    return ds[np.unique(sorted_rows)][np.searchsorted(np.unique(sorted_rows), sorted_rows)]
+        return out
+    chunk = ds.chunks[0] if ds.chunks else max_block_rows
+    per_block = max(1, max_block_rows // chunk)
+    touched = np.unique(sorted_rows // chunk)
+    # a new block where touched chunks stop being adjacent or the block is full
+    starts = [0]
+    for i in range(1, len(touched)):
+        if touched[i] != touched[i - 1] + 1 or i - starts[-1] >= per_block:
+            starts.append(i)
+    for first, last in zip(starts, starts[1:] + [len(touched)]):
+        lo = int(touched[first]) * chunk
+        hi = min(int(touched[last - 1] + 1) * chunk, ds.shape[0])
+        a, b = np.searchsorted(sorted_rows, [lo, hi])
+        out[a:b] = ds[lo:hi][sorted_rows[a:b] - lo]
+    return out
 
 
 # --- writing -------------------------------------------------------------------------
