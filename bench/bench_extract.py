@@ -4,8 +4,8 @@
                                   [--tutorial-max 7000] [--jpegs 1000]
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`) as PNG class folders,
-train then test images, the first N of them per run; plus synthetic
-500x375 JPEGs for decode cost. Every measurement runs in its own process
+N images spread evenly over train then test; plus synthetic 500x375 and
+3000x2000 JPEGs for decode cost. Every measurement runs in its own process
 (peak RSS from the kernel's rusage of that process). Model-only throughput is
 measured in the same run, right before and right after each end-to-end run;
 the ratio uses the faster of the two.
@@ -83,10 +83,13 @@ def make_tree(src_root: Path, out: Path, n: int) -> Path:
     return out
 
 
-def make_jpegs(out: Path, n: int) -> Path:
+def make_jpegs(out: Path, n: int, width: int = 500, height: int = 375) -> Path:
+    """n distinct photo-sized JPEGs (gradients plus noise: realistic decode cost)."""
+    if out.exists():
+        shutil.rmtree(out)
     rng = np.random.default_rng(0)
     (out / "photos").mkdir(parents=True, exist_ok=True)
-    y, x = np.mgrid[0:375, 0:500]
+    y, x = np.mgrid[0:height, 0:width]
     for i in range(n):
         base = np.stack([(x + i) % 256, (y * 2 + i) % 256, (x + y) % 256], -1)
         noise = rng.integers(0, 60, base.shape)
@@ -100,7 +103,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,7000,70000")
     ap.add_argument("--work", type=Path, default=Path("/tmp/es-bench"))
     ap.add_argument("--tutorial-max", type=int, default=7000)
-    ap.add_argument("--jpegs", type=int, default=1000)
+    ap.add_argument("--jpegs", type=int, default=2000, help="500x375 JPEGs")
+    ap.add_argument("--big-jpegs", type=int, default=300, help="3000x2000 JPEGs")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,6 +118,9 @@ def main() -> None:
     results = {}
     datasets = [(f"Fashion-MNIST PNG 28x28", n, make_tree(full, a.work / f"fm-{n}", n))
                 for n in sizes]
+    if a.big_jpegs:
+        datasets.insert(0, ("synthetic JPEG 3000x2000", a.big_jpegs,
+                            make_jpegs(a.work / "jpeg-big", a.big_jpegs, 3000, 2000)))
     if a.jpegs:
         datasets.insert(0, ("synthetic JPEG 500x375", a.jpegs, make_jpegs(a.work / "jpeg", a.jpegs)))
     for label, n, tree in datasets:
