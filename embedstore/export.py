@@ -117,6 +117,58 @@ def _decode_jpeg_like_pillow(data, min_side: int):
         for r in (1, 2, 4, 8)])
 
 
+def _exif_orientation(data):
+    """The EXIF orientation tag (1..8) of JPEG bytes, 1 when absent or unreadable.
+
+    APP1 "Exif" sits in the first kilobytes; after it a TIFF header gives
+    the byte order and IFD0, whose 12-byte entries hold tag 0x0112.
+    """
+    import tensorflow as tf
+
+    head = tf.strings.substr(data, 0, 65536)
+    before = tf.strings.split(tf.reshape(head, [1]), sep="Exif\x00\x00", maxsplit=1)
+    found = tf.equal(before.row_lengths()[0], 2)
+    tiff = tf.strings.substr(data, tf.strings.length(before[0][0]) + 6, 65536)
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(tiff, 0, 65536), tf.uint8), tf.int32)
+    little = tf.equal(tf.strings.substr(tiff, 0, 2), "II")
+
+    def read(offset, width):  # unsigned integer in the TIFF's byte order
+        # clipped indices: a corrupt offset reads garbage, never fails the graph
+        b = tf.gather(raw, tf.clip_by_value(offset + tf.range(width), 0, tf.size(raw) - 1))
+        b = tf.cond(little, lambda: tf.reverse(b, [0]), lambda: b)
+        return tf.reduce_sum(b * tf.bitwise.left_shift(1, 8 * tf.range(width - 1, -1, -1)))
+
+    def orientation():
+        ifd = read(4, 4)
+        count = tf.maximum(tf.minimum(read(ifd, 2), (tf.size(raw) - ifd - 2) // 12), 0)
+        entries = tf.range(count) * 12 + ifd + 2
+        tags = tf.map_fn(lambda o: read(o, 2), entries)
+        hit = tf.where(tf.equal(tags, 0x0112))
+        return tf.cond(tf.size(hit) > 0, lambda: read(entries[hit[0][0]] + 8, 2),
+                       lambda: tf.constant(1))
+
+    enough = tf.size(raw) >= 8
+    value = tf.cond(found & enough, orientation, lambda: tf.constant(1))
+    return tf.where((value >= 1) & (value <= 8), value, 1)
+
+
+def _apply_orientation(image, orientation):
+    """What PIL.ImageOps.exif_transpose does for each orientation value."""
+    import tensorflow as tf
+
+    transpose = lambda im: tf.transpose(im, [1, 0, 2])  # noqa: E731
+    return tf.switch_case(orientation - 1, [
+        lambda: image,                                          # 1
+        lambda: tf.reverse(image, [1]),                         # 2 mirror
+        lambda: tf.reverse(image, [0, 1]),                      # 3 rotate 180
+        lambda: tf.reverse(image, [0]),                         # 4 flip
+        lambda: transpose(image),                               # 5 transpose
+        lambda: tf.image.rot90(image, 3),                       # 6 rotate 90 clockwise
+        lambda: tf.reverse(transpose(image), [0, 1]),           # 7 transverse
+        lambda: tf.image.rot90(image, 1),                       # 8 rotate 90 counter-clockwise
+    ])
+
+
 def decode_for_export(data, size: int, crop_fraction: float):
     """Encoded bytes -> resized float pixels, in TensorFlow (for the SavedModel)."""
     import tensorflow as tf
@@ -124,8 +176,9 @@ def decode_for_export(data, size: int, crop_fraction: float):
     min_side = min_decode_side(size, crop_fraction)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
     return tf.cond(is_jpeg,
-                   lambda: resize_for_backbone(_decode_jpeg_like_pillow(data, min_side),
-                                               size, crop_fraction),
+                   lambda: resize_for_backbone(_apply_orientation(
+                       _decode_jpeg_like_pillow(data, min_side), _exif_orientation(data)),
+                       size, crop_fraction),
                    lambda: _decode_other(data, size, crop_fraction))
 
 

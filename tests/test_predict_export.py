@@ -106,13 +106,18 @@ def test_savedmodel_matches_predict(kind, heads, tmp_path):
 
 
 def test_savedmodel_matches_predict_on_jpeg_photos(heads, tmp_path, china_path):
-    """Photos, as a user's held-out set would be: full size and DCT-scaled, color and gray."""
+    """Photos as users have them: full size and DCT-scaled, color, gray, EXIF-rotated."""
     import tensorflow as tf
 
     photos = [Path(china_path)]
     for name, size, mode in [("big.jpg", (1280, 854), "RGB"), ("gray.jpg", (900, 600), "L")]:
         Image.open(china_path).convert(mode).resize(size).save(tmp_path / name, quality=90)
         photos.append(tmp_path / name)
+    for orientation in (3, 6, 8):  # as phones write them: pixels stored sideways
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.open(china_path).save(tmp_path / f"exif{orientation}.jpg", exif=exif)
+        photos.append(tmp_path / f"exif{orientation}.jpg")
     expected = predict_module.predict(heads / "logreg", [str(p) for p in photos], top_k=10)
     export(heads / "logreg", tmp_path / "sm")
     out = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"](
