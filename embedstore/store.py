@@ -148,10 +148,6 @@ class StoreReader:
         self._f.close()
 
     @property
-    def h5(self) -> h5py.File:
-        return self._f
-
-    @property
     def classes(self) -> list[str]:
         return _strings(self._f["classes"])
 
