@@ -205,6 +205,10 @@ def _float_or_auto(text: str):
     return text if text == "auto" else float(text)
 
 
+def _int_or_auto(text: str):
+    return text if text == "auto" else int(text)
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     """"256" -> (256,); "512x128" -> (512, 128); "0" or "none" -> ()."""
     if text.lower() in ("", "0", "none"):
@@ -228,7 +232,7 @@ HEAD_OPTIONS = {
     "learning_rate": ("learning_rate", float, {"dense"}),
     "momentum": ("momentum", float, {"dense"}),
     "epochs": ("epochs", int, {"dense"}),
-    "batch_size": ("batch_size", int, {"dense"}),
+    "batch_size": ("batch_size", _int_or_auto, {"dense"}),
     "patience": ("patience", int, {"dense"}),
     "k": ("k", int, {"knn"}),
     "weights": ("weights", str, {"knn"}),
@@ -249,7 +253,8 @@ def head_options(multi: bool):
         ("--learning-rate", "learning_rate", f"dense: learning rate{lst}."),
         ("--momentum", "momentum", f"dense: SGD momentum{lst}."),
         ("--epochs", "epochs", f"dense: most epochs (early stopping on validation loss){lst}."),
-        ("--head-batch-size", "batch_size", f"dense: training batch size{lst}."),
+        ("--head-batch-size", "batch_size", f"dense: training batch size, or auto "
+                                            f"(min(512, max(32, rows/100))){lst}."),
         ("--patience", "patience", f"dense: early-stopping patience in epochs{lst}."),
         ("--k", "k", f"knn: neighbours{lst}."),
         ("--weights", "weights", f"knn: uniform or distance{lst}."),
