@@ -18,7 +18,7 @@ from embedstore.heads import load_head
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import walk_images
 from embedstore.store import open_store
-from embedstore.train import TrainingError, _check_backbone, read_manifest
+from embedstore.train import TrainingError, check_backbone, read_manifest
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -47,7 +47,7 @@ def head_backbone(manifest: dict) -> Backbone:
 def _cached_vectors(store, manifest: dict) -> tuple[dict, object]:
     """sha256 -> embedding row, for the originals (view 0) in STORE."""
     reader = open_store(store)
-    _check_backbone(manifest, reader.backbone, store)
+    check_backbone(manifest, reader.backbone, store)
     rows = {s: i for i, (s, v) in enumerate(zip(reader.sha256, reader.views)) if v == 0}
     return rows, reader
 

@@ -186,12 +186,12 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
     if store is None:
         split = load_split(manifest["store"], manifest["split"]["val_fraction"],
                            manifest["split"]["seed"])
-        _check_backbone(manifest, split.backbone, manifest["store"])
+        check_backbone(manifest, split.backbone, manifest["store"])
         X, y_names = split.X_val, [split.classes[c] for c in split.y_val]
         source = f"validation split of {manifest['store']}"
     else:
         with open_store(store) as s:
-            _check_backbone(manifest, s.backbone, store)
+            check_backbone(manifest, s.backbone, store)
             rows = np.flatnonzero(s.labels >= 0)
             if len(rows) == 0:
                 raise TrainingError(f"{store} has no labelled rows to evaluate on")
@@ -215,7 +215,7 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
     return result
 
 
-def _check_backbone(manifest: dict, store_backbone: dict, store) -> None:
+def check_backbone(manifest: dict, store_backbone: dict, store) -> None:
     if store_backbone["fingerprint"] != manifest["backbone"]["fingerprint"]:
         raise TrainingError(
             f"{store} was made by backbone {store_backbone['name']} "
