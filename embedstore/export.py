@@ -175,15 +175,15 @@ def decode_for_export(data, size: int, crop_fraction: float):
 
     min_side = min_decode_side(size, crop_fraction)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    return tf.cond(is_jpeg,
-                   lambda: resize_for_backbone(_apply_orientation(
-                       _decode_jpeg_like_pillow(data, min_side), _exif_orientation(data)),
-                       size, crop_fraction),
-                   lambda: _decode_other(data, size, crop_fraction))
+    rgb = tf.cond(is_jpeg,
+                  lambda: _apply_orientation(_decode_jpeg_like_pillow(data, min_side),
+                                             _exif_orientation(data)),
+                  lambda: _decode_other(data))
+    return resize_for_backbone(rgb, size, crop_fraction)
 
 
-def _decode_other(data, size: int, crop_fraction: float):
-    """PNG, GIF, BMP: native channels, gray expanded, transparency on white."""
+def _decode_other(data):
+    """PNG, GIF, BMP -> uint8 RGB: gray expanded, transparency on white."""
     import tensorflow as tf
 
     image = tf.io.decode_image(data, expand_animations=False)  # native channels, uint8
@@ -193,8 +193,7 @@ def _decode_other(data, size: int, crop_fraction: float):
                     lambda: tf.tile(image[..., :1], [1, 1, 3]))
     alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:] / 255.0,
                     lambda: tf.ones_like(image[..., :1]))
-    rgb = tf.cast(tf.round(color * alpha + 255.0 * (1.0 - alpha)), tf.uint8)  # on white
-    return resize_for_backbone(rgb, size, crop_fraction)
+    return tf.cast(tf.round(color * alpha + 255.0 * (1.0 - alpha)), tf.uint8)  # on white
 
 
 def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
