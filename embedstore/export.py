@@ -221,7 +221,7 @@ def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
         elif fmt == "keras":
             model.save(out)
         else:
-            out.write_bytes(_tflite_bytes(model, size))
+            out.write_bytes(_tflite_bytes(model))
     meta_dir = out if fmt == "savedmodel" else out.parent
     (meta_dir / "labels.txt").write_text("\n".join(classes) + "\n")
     (meta_dir / "export.json").write_text(json.dumps({
@@ -251,33 +251,18 @@ def _interface(fmt: str, size: int, n_classes: int) -> dict:
     return {"inputs": {"pixels": pixels}, "outputs": outputs}
 
 
-def _tflite_bytes(model: keras.Model, size: int) -> bytes:
+def _tflite_bytes(model: keras.Model) -> bytes:
     """The model as a TFLite flatbuffer whose signature names its input and output.
 
-    Converted from a SavedModel with one named signature: converting a
-    concrete function directly keeps the weights as variables nothing
-    initialises (NaN out), and from_keras_model names the tensors
-    `StatefulPartitionedCall_1:0`.
+    from_keras_model freezes the weights (converting a concrete function or a
+    SavedModel of it kept them as variables nothing initialises: NaN out); a
+    dict output names the signature's output "probabilities" instead of
+    "output_0" (its input is already named "pixels").
     """
-    import tempfile
-
     import tensorflow as tf
 
-    class Classifier(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                     name="pixels")])
-        def serve(self, pixels):
-            return {"probabilities": self.model(pixels, training=False)}
-
-    module = Classifier()
-    with tempfile.TemporaryDirectory() as tmp:
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
-        return tf.lite.TFLiteConverter.from_saved_model(
-            tmp, signature_keys=["serving_default"]).convert()
+    named = keras.Model(model.inputs, {"probabilities": model.outputs[0]})
+    return tf.lite.TFLiteConverter.from_keras_model(named).convert()
 
 
 def _save_savedmodel(model, classes, size: int, crop: float, out: Path) -> None:
