@@ -111,15 +111,18 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--workers", type=click.IntRange(1, 64), help="Decode threads [default: cores + 2].")
 @click.option("--prune", is_flag=True,
               help="Drop rows (and failures) of files that are no longer under IMAGES.")
+@click.option("--follow-links", is_flag=True,
+              help="Also read symlinks that lead outside IMAGES (by default they are "
+                   "recorded as failures and not read).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                prune, quiet, as_json) -> None:
+                prune, follow_links, quiet, as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
-    names), a flat folder of images (unlabelled), or a text file with one
-    path per line. Re-running embeds only new or changed files; a crash or
+    names), a flat folder of images (unlabelled), one image, or a text file
+    with one path per line. Re-running embeds only new or changed files; a crash or
     Ctrl-C keeps every committed batch and the next run resumes. Bad files
     are recorded in the store's /failures with the reason.
     """
@@ -129,7 +132,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     if not quiet and _tty():
         from embedstore.sources import scan
 
-        bar = click.progressbar(length=len(scan(images).images), label="extracting",
+        bar = click.progressbar(length=len(scan(images, follow_links).images), label="extracting",
                                 file=sys.stderr, show_eta=True, show_pos=True,
                                 item_show_func=lambda s: s)
         bar.__enter__()
@@ -142,7 +145,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     try:
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
-                         prune=prune, progress=on_progress)
+                         prune=prune, progress=on_progress, follow_links=follow_links)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
