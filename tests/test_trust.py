@@ -102,3 +102,18 @@ def test_a_file_named_backbone_is_never_loaded_without_the_user(sample_store, tm
     assert result.exit_code == 1 and "add --backbone hub:" in str(result.exception)
     with pytest.raises(BackboneError, match="not mobilenet_v2; use --backbone hub:"):
         predict(head, [image], backbone="mobilenet_v2")
+
+
+def test_ctrl_c_during_tensorflow_start_up_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "embedstore", "backbone", "check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # TensorFlow's import alone takes longer than this
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("embedstore: interrupted")
