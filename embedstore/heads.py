@@ -462,8 +462,11 @@ class DenseHead(EmbeddingHead):
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (n, n_classes), columns in `classes_` order."""
         X = self._validate_predict_data(X)
-        return np.asarray(self.model_.predict_on_batch(X) if len(X) <= 4096 else
-                          self.model_.predict(X, batch_size=4096, verbose=0), np.float64)
+        # eager calls in blocks: Keras's predict() compiles a function per model, which
+        # a sweep or cross-validation (a new model per fit) answers with retracing warnings
+        blocks = [np.asarray(self.model_(X[i:i + 4096], training=False))
+                  for i in range(0, len(X), 4096)]
+        return np.concatenate(blocks).astype(np.float64)
 
     # Pickle carries the Keras model as its .keras bytes, so a pickled head is complete.
     def __getstate__(self):
