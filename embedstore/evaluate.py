@@ -92,8 +92,8 @@ def plot_training_curves(history: dict, out_dir: str | Path) -> list[Path]:
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"],
                     label=f"early-stopping hold-out {metric}")
-        ax.set_title(f"{metric} per epoch (hold-out: rows taken from the training split; "
-                     "not the validation split in metrics.json)", fontsize=8, wrap=True)
+            ax.set_title("hold-out: rows taken from the training split, "
+                         "not the validation split in metrics.json", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
