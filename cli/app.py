@@ -235,7 +235,9 @@ def _class_weight(text: str):
     return None if text == "none" else text
 
 
-def _on_off(text: str) -> bool:
+def _on_off_auto(text: str):
+    if text.lower() == "auto":
+        return "auto"
     if text.lower() in ("on", "true", "yes", "1"):
         return True
     if text.lower() in ("off", "false", "no", "0"):
@@ -258,9 +260,9 @@ HEAD_FLAGS = {
     "--epochs": ("epochs", int, "most epochs"),
     "--head-batch-size": ("batch_size", _int_or_auto, "training batch size, or auto: "
                                                       "min(512, max(32, rows/100))"),
-    "--early-stopping": ("early_stopping", _on_off, "on/off: stop when the loss on a "
-                                                    "hold-out of the training rows stops "
-                                                    "improving"),
+    "--early-stopping": ("early_stopping", _on_off_auto,
+                         "on, off or auto: stop when the loss on a hold-out of the training "
+                         "rows stops improving; auto = on above 10,000 training rows"),
     "--patience": ("patience", int, "early-stopping patience in epochs"),
     "--k": ("k", int, "neighbours"),
     "--weights": ("weights", str, "neighbour votes"),
@@ -298,7 +300,7 @@ def _show_default(param: str, value) -> str:
     if param == "hidden":
         return _show_hidden(value)
     if param == "early_stopping":
-        return "on" if value else "off"
+        return value if isinstance(value, str) else ("on" if value else "off")
     return "none" if value is None else str(value)
 
 
