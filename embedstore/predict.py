@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.backbones import Backbone, BackboneError, load_backbone
+from embedstore.backbones import Backbone, BackboneError
+from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
 from embedstore.heads import load_head
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import walk_images
@@ -32,10 +33,10 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def head_backbone(manifest: dict) -> Backbone:
+def head_backbone(manifest: dict, runtime: str = DEFAULT_RUNTIME) -> Backbone:
     """The backbone the head was trained on, refusing one whose weights differ."""
     expected = manifest["backbone"]
-    backbone = load_backbone(expected["name"])
+    backbone = load_for_inference(expected["name"], runtime)
     if backbone.fingerprint != expected["fingerprint"]:
         raise BackboneError(
             f"backbone {expected['name']} here has fingerprint {backbone.fingerprint[:12]}, "
@@ -54,7 +55,7 @@ def _cached_vectors(store, manifest: dict) -> tuple[dict, object]:
 
 def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
-            backbone: Backbone | None = None) -> list[dict]:
+            backbone: Backbone | None = None, runtime: str = DEFAULT_RUNTIME) -> list[dict]:
     """One dict per file, in input order: path, label, probability, top_k, cached; or path, error."""
     manifest = read_manifest(head_dir)
     head = load_head(head_dir)
@@ -86,7 +87,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
 
     def embed_pending() -> None:
         nonlocal backbone
-        backbone = backbone or head_backbone(manifest)  # loaded only when needed
+        backbone = backbone or head_backbone(manifest, runtime)  # loaded only when needed
         emb = backbone.embed(resizer.batch([it.image for it in pending]))
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()
