@@ -146,22 +146,27 @@ def resize_image(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarr
         shrinking = scale < 1.0
     top, left = (new_h - size) // 2, (new_w - size) // 2
     if not shrinking:  # TensorFlow does not antialias here, not even an axis that shrinks
-        rows = _bilinear_taps(h, new_h, top, size)
-        cols = _bilinear_taps(w, new_w, left, size)
-        x = image.astype(np.float32)
-        x = x[rows[0]] * (1 - rows[2])[:, None, None] + x[rows[1]] * rows[2][:, None, None]
-        return x[:, cols[0]] * (1 - cols[2])[None, :, None] + x[:, cols[1]] * cols[2][None, :, None]
+        # gathers, not a matrix product: BLAS threads fight the inference threads
+        lo, hi, lerp = _bilinear_taps(h, new_h, top, size)
+        x = image[lo].astype(np.float32)
+        x += (image[hi] - x) * lerp[:, None, None]
+        lo, hi, lerp = _bilinear_taps(w, new_w, left, size)
+        y = x[:, lo]
+        y += (x[:, hi] - y) * lerp[None, :, None]
+        return y
     sy, sx = h / new_h, w / new_w
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    out = np.empty((size, size, 3), np.float32)
-    for c in range(3):  # Pillow resamples float ("F") images one band at a time
-        band = Image.fromarray(np.ascontiguousarray(image[..., c])).convert("F")
-        out[..., c] = np.asarray(band.resize((size, size), Image.Resampling.BILINEAR, box=box))
-    return out
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
+    out = np.empty((3, size, size), np.float32)
+    for c in range(3):  # Pillow resamples float ("F") images one plane at a time
+        plane = Image.frombuffer("F", (w, h), planes[c], "raw", "F", 0, 1)
+        out[c] = np.asarray(plane.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    return out.transpose(1, 2, 0)
 
 
 def _bilinear_taps(n_in: int, n_out: int, start: int, count: int):
-    """Source indices and weights of outputs start..start+count, as tf.image.resize bilinear."""
+    """Source indices and weights of outputs start..start+count, as tf.image.resize
+    bilinear (half-pixel centres, edges clamped)."""
     x = (np.arange(start, start + count) + 0.5) * (n_in / n_out) - 0.5
     x0 = np.floor(x)
     lo = np.clip(x0, 0, n_in - 1).astype(np.intp)
