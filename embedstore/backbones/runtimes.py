@@ -54,17 +54,17 @@ def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIM
         return load_backbone(name)
     if name == "mobilenet_v2":  # its cache key is known without building the model
         path = _mobilenet_v2_tflite_path()
-        meta = _read_sidecar(path)
-        if meta is not None:
+        cached = _cached_backbone(path, None, threads)
+        if cached is not None:
             say(f"loading {name} (tflite)...")
-            return _tflite_backbone(path, meta, threads)
+            return cached
     say(f"loading {name} (keras, to convert to tflite once)...")
     keras_backbone = load_backbone(name)
     if name != "mobilenet_v2":
         path = _cache_dir() / "tflite" / f"{keras_backbone.fingerprint[:24]}.tflite"
-        meta = _read_sidecar(path)
-        if meta is not None and meta["fingerprint"] == keras_backbone.fingerprint:
-            return _tflite_backbone(path, meta, threads)
+        cached = _cached_backbone(path, keras_backbone.fingerprint, threads)
+        if cached is not None:
+            return cached
     try:
         meta = convert_to_tflite(keras_backbone, path)
     except ConversionError as exc:
@@ -167,15 +167,15 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _read_sidecar(path: Path) -> dict | None:
-    """The sidecar of a complete cached conversion, or None (missing or damaged: rebuild)."""
+def _cached_backbone(path: Path, fingerprint: str | None, threads: int | None) -> Backbone | None:
+    """The cached conversion at `path`, or None if missing or damaged (then it is rebuilt)."""
     try:
         meta = json.loads(_sidecar(path).read_text())
-        if meta.get("format") == TFLITE_FORMAT and path.is_file():
-            return meta
-    except (OSError, ValueError):
-        pass
-    return None
+        if meta.get("format") != TFLITE_FORMAT or fingerprint not in (None, meta["fingerprint"]):
+            return None
+        return _tflite_backbone(path, meta, threads)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -203,11 +203,8 @@ def _quiet():
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        with contextlib.redirect_stdout(open(os.devnull, "w")) as sink:
-            try:
-                yield
-            finally:
-                sink.close()
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
