@@ -33,8 +33,11 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def head_backbone(manifest: dict, runtime: str = DEFAULT_RUNTIME) -> Backbone:
-    """The backbone the head was trained on, refusing one whose weights differ."""
+def head_backbone(manifest: dict, runtime: str = "keras") -> Backbone:
+    """The backbone the head was trained on, refusing one whose weights differ.
+
+    Keras by default: export needs the Keras model; predict asks for its runtime.
+    """
     expected = manifest["backbone"]
     backbone = load_for_inference(expected["name"], runtime)
     if backbone.fingerprint != expected["fingerprint"]:

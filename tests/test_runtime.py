@@ -24,11 +24,9 @@ from tests.conftest import REPO, SAMPLE
 
 @pytest.fixture(scope="session")
 def tflite_backbone():
-    """The default runtime, converted from the Keras model into this run's empty cache."""
-    said: list[str] = []
-    bb = load_for_inference("mobilenet_v2", say=said.append)
-    assert said == ["loading mobilenet_v2 (keras, to convert to tflite once)..."]
-    return bb
+    """The default runtime, converted from the Keras model into this run's cache (if no
+    earlier test did)."""
+    return load_for_inference("mobilenet_v2")
 
 
 def _real_photos(china_path) -> list[np.ndarray]:
