@@ -250,10 +250,7 @@ def test_unreadable_shards_and_parts_are_quarantined_not_blocking(tmp_path, capl
 def _patch_embedding_bytes(shard: Path, row: int, patch) -> None:
     """Change the bytes of one row's first float in the shard file on disk."""
     with h5py.File(shard, "r") as f:
-        ds = f["embeddings"]
-        chunk = ds.chunks[0]
-        offset = ds.id.get_chunk_info_by_coord((row - row % chunk, 0)).byte_offset
-        offset += (row % chunk) * DIM * 4
+        offset = f["embeddings"].id.get_offset() + row * DIM * 4  # shards are contiguous
     with open(shard, "r+b") as fh:
         fh.seek(offset)
         old = fh.read(4)

@@ -16,7 +16,6 @@ import numpy as np
 FORMAT = "embedstore"
 FORMAT_VERSION = 2  # 1: one self-contained file; 2: an index over immutable shard files
 STR = h5py.string_dtype()
-EMBEDDING_CHUNK_ROWS = 64  # 320 KiB chunks at 1280-d: cheap random-row reads
 COPY_BLOCK_ROWS = 8192
 
 
@@ -129,7 +128,7 @@ def disk_full_error(path: Path) -> StoreError:
 # Files up to this size are built in memory and written with plain os.write: HDF5 cannot
 # survive a failed write (h5py 3.14 segfaults after a close that hit ENOSPC), so a full
 # disk must surface outside it. Bigger files (compaction) are checked against free space.
-IN_MEMORY_BYTES = 1 << 29
+IN_MEMORY_BYTES = 1 << 26  # a commit of ~12k 1280-d rows
 
 
 @contextmanager

@@ -22,6 +22,11 @@ class Segment:
     file: h5py.File
     live: np.ndarray | None
     n: int
+    vectors: object = None  # the embeddings: a memory map of a shard, else the h5py dataset
+
+    def __post_init__(self):
+        if self.vectors is None:
+            self.vectors = vectors_of(self.file)
 
     def column(self, name: str) -> np.ndarray:
         ds = self.file[name]
@@ -31,7 +36,7 @@ class Segment:
     def embeddings(self, local: np.ndarray) -> np.ndarray:
         """Rows at increasing positions `local` among this segment's live rows."""
         rows = local if self.live is None else self.live[local]
-        return read_rows(self.file["embeddings"], rows)
+        return gather(self.vectors, rows)
 
 
 class StoreReader:
@@ -93,6 +98,7 @@ class StoreReader:
         self.close()
 
     def close(self) -> None:
+        self._segments = []  # drops the memory maps
         for f in self._files:
             f.close()
         self._files = []
@@ -200,6 +206,26 @@ class StoreReader:
 def open_store(path: str | Path) -> StoreReader:
     """Open STORE for reading (any format version)."""
     return StoreReader(path)
+
+
+def vectors_of(f: h5py.File):
+    """A file's /embeddings as a read-only memory map when it is contiguous and
+    uncompressed (shards), else the h5py dataset. The map keeps the file alive
+    after a writer deletes it, so a reader keeps its snapshot."""
+    ds = f["embeddings"]
+    offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+    if offset is None or ds.shape[0] == 0:
+        return ds
+    return np.memmap(f.filename, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+
+
+def gather(vectors, sorted_rows: np.ndarray) -> np.ndarray:
+    """Rows at increasing positions, from a memory map or an h5py dataset."""
+    if not isinstance(vectors, np.memmap):
+        return read_rows(vectors, sorted_rows)
+    if len(sorted_rows) and sorted_rows[-1] - sorted_rows[0] + 1 == len(sorted_rows):
+        return np.array(vectors[sorted_rows[0]:sorted_rows[-1] + 1])  # a run: one copy
+    return vectors[sorted_rows]
 
 
 def read_rows(ds, sorted_rows: np.ndarray, max_block_rows: int = COPY_BLOCK_ROWS) -> np.ndarray:

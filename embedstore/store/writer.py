@@ -28,7 +28,7 @@ from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attr
 from embedstore.store._index import SHA_WIDTH, Index, Shard, read_index, write_index
 from embedstore.store._lock import acquire_lock, release_lock
 from embedstore.store._shard import Rows, shard_name, write_shard
-from embedstore.store.reader import read_rows
+from embedstore.store.reader import gather, vectors_of
 
 log = logging.getLogger("embedstore.store")
 
@@ -430,7 +430,7 @@ class StoreWriter:
             rows = locs[at] & 0xFFFFFFFF
             order = np.argsort(rows)
             with h5py.File(self._shard_dir / self._shard(int(seq)).name, "r") as f:
-                out[at[order]] = read_rows(f["embeddings"], rows[order])
+                out[at[order]] = gather(vectors_of(f), rows[order])
         return out
 
     # folding -------------------------------------------------------------------------
@@ -471,9 +471,10 @@ class StoreWriter:
             live = s.live()
             with h5py.File(self._shard_dir / s.name, "r") as f:
                 cols = {c: f[c][()][live] for c in ("paths", "sha256", "labels", "views")}
+                vectors = vectors_of(f)
                 for a in range(0, len(live), COPY_BLOCK_ROWS):
                     take = slice(a, a + COPY_BLOCK_ROWS)
-                    yield Rows(read_rows(f["embeddings"], live[take]), cols["paths"][take],
+                    yield Rows(gather(vectors, live[take]), cols["paths"][take],
                                cols["sha256"][take], cols["labels"][take], cols["views"][take])
 
     def compact(self, target_rows: int) -> dict:
