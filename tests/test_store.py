@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.store import (FOLD_ROWS, StoreError, StoreWriter, compact, lock_path, merge,
+from embedstore.store import (StoreError, StoreWriter, lock_path, merge,
                               merge_stores, open_store, parts_dir, quarantine_dir, verify)
 from embedstore_cli.app import cli
 
@@ -93,8 +93,10 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
         assert s.classes == ["c0", "c1", "c2", "new"]
     with h5py.File(store, "r") as f:
         assert f["embeddings"].shape[0] == 28
-    result = compact(store)
-    assert result["shards_after"] == 1 and result["rows_rewritten"] == 28
+    result = CliRunner().invoke(cli, ["compact", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"shards_before": 4, "shards_after": 1,
+                                         "rows_rewritten": 28}
     assert by_path(store) == rows and verify(store)["ok"]
 
 

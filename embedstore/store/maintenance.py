@@ -119,12 +119,11 @@ def verify(path: str | Path, block_rows: int = 65536) -> dict:
     problems: list[str] = []
     with open_h5(path) as f:
         if int(f.attrs.get("format_version", 1)) == 1:
-            files = [(path, f, None, None)]
-            paths_of = {0: f}
+            files = [(path, f, None)]
         else:
             index = read_index(f)
             directory = path.resolve().parent / index.parts_name
-            files, paths_of = [], {}
+            files = []
             for shard in index.shards:
                 file = directory / shard.name
                 if not file.exists():
@@ -133,9 +132,9 @@ def verify(path: str | Path, block_rows: int = 65536) -> dict:
                 if file_sha256(file) != shard.sha256:
                     problems.append(f"{file}: checksum mismatch (the file changed on disk "
                                     "after it was written)")
-                files.append((file, None, shard.live(), shard))
+                files.append((file, None, shard.live()))
         rows_checked = 0
-        for file, handle, live, _shard in files:
+        for file, handle, live in files:
             try:
                 g = handle or h5py.File(file, "r")
             except OSError as exc:

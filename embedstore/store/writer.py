@@ -27,7 +27,7 @@ from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attr
                                       fixed, open_h5, parts_dir, quarantine_dir, real_path)
 from embedstore.store._index import SHA_WIDTH, Index, Shard, read_index, write_index
 from embedstore.store._lock import acquire_lock, release_lock
-from embedstore.store._shard import Rows, shard_name, write_shard
+from embedstore.store._shard import Rows, write_shard
 from embedstore.store.reader import gather, vectors_of
 
 log = logging.getLogger("embedstore.store")
