@@ -6,17 +6,23 @@ Synthetic 1280-d float32 vectors go through the real StoreWriter in commits
 of 10^4 rows (one writer, as one long extract would). At each checkpoint
 (10^5, 10^6, 3x10^6, 10^7 rows, up to --max-rows) it reports the seconds
 per commit over the last commits (median, p90, max: folds of small shards
-are the spikes), the writer's peak RSS, and, in a fresh process, the time to
+are the spikes); a side-by-side probe: 5 commits into this store alternated
+with 5 into a near-empty one, median ratio (the flatness figure on a noisy
+machine: both see the same load); the writer's peak RSS; and, in a fresh
+process, the time to
 open the store, read 10k random rows, stream every row, and disk bytes per
 row. The store is deleted afterwards unless --keep. 10^7 rows need ~52 GB
-of free disk (checked before it starts).
+of free disk (checked before it starts). SIGTERM/Ctrl-C stops at the next
+commit and reports the checkpoints reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +61,25 @@ print(json.dumps({"rows": n, "open_s": open_s, "random_s": random_s, "stream_s":
 """
 
 
+def commit_batch(w: StoreWriter, n: int, base: np.ndarray, prefix: str = "c") -> float:
+    """Add and commit rows n .. n+COMMIT_ROWS; seconds taken."""
+    ids = range(n, n + COMMIT_ROWS)
+    t = time.perf_counter()
+    w.add(base + np.float32(n), [f"{prefix}{i % 10}/img{i:09d}.png" for i in ids],
+          [f"{i:064x}" for i in ids], [f"c{i % 10}" for i in ids])
+    w.commit()
+    return time.perf_counter() - t
+
+
+def probe(w: StoreWriter, n: int, small: StoreWriter, small_n: int, base) -> tuple[float, float]:
+    """Alternate commits into the big store and a near-empty one: (median big s, median small s)."""
+    big_s, small_s = [], []
+    for k in range(5):
+        big_s.append(commit_batch(w, n + k * COMMIT_ROWS, base))
+        small_s.append(commit_batch(small, small_n + k * COMMIT_ROWS, base, prefix="s"))
+    return float(np.median(big_s)), float(np.median(small_s))
+
+
 def disk_bytes(store: Path) -> int:
     return store.stat().st_size + sum(p.stat().st_size for p in parts_dir(store).iterdir())
 
@@ -77,47 +102,54 @@ def main() -> None:
     checkpoints = [c for c in CHECKPOINTS if c <= a.max_rows]
     base = np.random.default_rng(0).standard_normal((COMMIT_ROWS, DIM)).astype(np.float32)
     results, commit_s = [], []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    small_store = a.dir / "probe.h5"
+    n = small_n = 0
     try:
         t = time.perf_counter()
         w = StoreWriter(store, META)
         writer_open_s = time.perf_counter() - t
-        n = 0
+        small = StoreWriter(small_store, META)
         for checkpoint in checkpoints:
-            while n < checkpoint:
-                ids = range(n, n + COMMIT_ROWS)
-                t = time.perf_counter()
-                w.add(base + np.float32(n), [f"c{i % 10}/img{i:09d}.png" for i in ids],
-                      [f"{i:064x}" for i in ids], [f"c{i % 10}" for i in ids])
-                w.commit()
-                commit_s.append(time.perf_counter() - t)
+            while n < checkpoint - 5 * COMMIT_ROWS:
+                commit_s.append(commit_batch(w, n, base))
                 n += COMMIT_ROWS
+            big_s, small_s = probe(w, n, small, small_n, base)
+            n += 5 * COMMIT_ROWS
+            small_n += 5 * COMMIT_ROWS
             window = np.array(commit_s[-50:])
             peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             read = run_child(READ_CHILD, str(store))
             results.append([f"{n:,}", f"{np.median(window):.3f}", f"{np.percentile(window, 90):.3f}",
-                            f"{window.max():.2f}", f"{peak_rss:.0f}", read["shards"],
+                            f"{window.max():.2f}", f"{big_s:.3f} / {small_s:.3f} = "
+                            f"**{big_s / small_s:.2f}**", f"{peak_rss:.0f}", read["shards"],
                             f"{read['open_s']:.3f}", f"{read['random_s']:.2f}",
                             f"{read['stream_s']:.1f}", f"{n * DIM * 4 / 1e9 / read['stream_s']:.2f}",
                             f"{disk_bytes(store) / n:.0f}"])
             print(results[-1], flush=True)
         w.release()
+        small.release()
         t = time.perf_counter()
         StoreWriter(store, META).release()
-        reopen_s = time.perf_counter() - t
+        reopen_s = f"{time.perf_counter() - t:.1f} s"
+    except KeyboardInterrupt:
+        reopen_s = "not measured (stopped early)"
     finally:
         if not a.keep:
-            shutil.rmtree(parts_dir(store), ignore_errors=True)
-            store.unlink(missing_ok=True)
-    not_run = [f"{c:,}" for c in CHECKPOINTS if c > a.max_rows]
-    body = table(["rows", "commit s (median of last 50)", "p90", "max", "writer peak RSS MB",
+            for s in (store, small_store):
+                shutil.rmtree(parts_dir(s), ignore_errors=True)
+                s.unlink(missing_ok=True)
+    not_run = [f"{c:,}" for c in CHECKPOINTS if c > n]
+    body = table(["rows", "commit s (median of last 50)", "p90", "max",
+                  "probe: commit s here / near-empty store", "writer peak RSS MB",
                   "shards", "open_store s", "10k random rows s", "stream all s", "stream GB/s",
                   "disk bytes/row"], results)
     body += (f"\n\nCommits of {COMMIT_ROWS:,} rows x {DIM} float32 ({COMMIT_ROWS * DIM * 4 / 1e6:.0f}"
              f" MB of vectors each), one writer. Writer open on an empty store "
              f"{writer_open_s:.2f} s; re-opening a writer on the final {n:,}-row store (it loads "
-             f"every path and hash) {reopen_s:.1f} s. Raw vectors are {DIM * 4} bytes/row."
-             + (f" Not measured: {', '.join(not_run)} rows (--max-rows {a.max_rows:,})."
-                if not_run else ""))
+             f"every path and hash) {reopen_s}. Raw vectors are {DIM * 4} bytes/row. Load "
+             f"average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
+             + (f" Not measured: {', '.join(not_run)} rows." if not_run else ""))
     report("Sharded store at scale (synthetic vectors, no model)", body)
 
 

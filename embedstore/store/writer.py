@@ -179,13 +179,16 @@ class StoreWriter:
             entry[1][v] = _loc(shard.seq, row)
 
     def _quarantine(self, file: Path, why) -> None:
+        """Move an unusable shard or part aside and say so in one line; the run goes on."""
         target_dir = quarantine_dir(self._real)
-        target_dir.mkdir(exist_ok=True)
         if file.exists():
+            target_dir.mkdir(exist_ok=True)
             shutil.move(str(file), target_dir / file.name)
-        log.warning(f"embedstore: warning: {file} cannot be used ({why}); moved to "
-                    f"{target_dir}/ and left out of {self.path} (its images are re-embedded "
-                    "by the next extract)")
+            where = f"moved to {target_dir}/"
+        else:
+            where = "missing"
+        log.warning(f"embedstore: warning: {file} cannot be used ({why}); {where}, left out of "
+                    f"{self.path} (its images are re-embedded by the next extract)")
 
     def _finish_format1(self) -> None:
         """Upgrade a format-1 store and replay format-1 parts a killed writer left."""
