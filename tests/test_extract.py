@@ -149,7 +149,8 @@ def test_a_store_never_mixes_backbones(tmp_path):
     store = tmp_path / "x.h5"
     with StoreWriter(store, meta) as w:
         w.add(np.ones((1, 4)), ["p.png"], ["s" * 64], ["cls"])
-    with pytest.raises(StoreError, match="holds embeddings from backbone a"):
+    with pytest.raises(StoreError, match="this extraction uses backbone b .* but .*x.h5 uses "
+                                         "a .* another store file, or extract with --backbone a"):
         StoreWriter(store, {**meta, "name": "b", "fingerprint": "e" * 64})
 
 

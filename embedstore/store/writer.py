@@ -22,6 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from embedstore.backbones import BackboneError
+from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.store import _legacy
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
                                       fixed, open_h5, parts_dir, quarantine_dir, real_path)
@@ -125,12 +127,14 @@ class StoreWriter:
                 if p == self._real:
                     raise
                 continue  # an unreadable part is quarantined later
-            if theirs["fingerprint"] != self.backbone["fingerprint"]:
-                raise StoreError(
-                    f"{self.path} holds embeddings from backbone {theirs['name']} "
-                    f"(fingerprint {theirs['fingerprint'][:12]}), not {self.backbone['name']} "
-                    f"({self.backbone['fingerprint'][:12]}); use another store file or "
-                    f"--backbone {theirs['name']}")
+            try:
+                check_same_backbone(BackboneRef.from_dict(theirs, p),
+                                    BackboneRef.from_dict(self.backbone, "the writer"),
+                                    str(self.path), "this extraction",
+                                    advice=f"write to another store file, or extract with "
+                                           f"--backbone {theirs['name']}")
+            except BackboneError as exc:
+                raise StoreError(str(exc)) from None
 
     def _load(self) -> None:
         """Read the committed state: index, and paths/hashes/views of every live row."""
