@@ -167,3 +167,20 @@ def test_cache_chunks_survive_a_full_disk_and_a_crash(tmp_path, monkeypatch):
     assert np.allclose(stored, x, rtol=1e-3, atol=1e-3)
     with pytest.raises(CacheError, match="caches block b"):
         ActivationCache(tmp_path / "c", {**meta, "block": "other"})
+
+
+def test_keras_backbones_split_at_a_layer_named_block(tmp_path):
+    import keras
+
+    from embedstore.backbones import BackboneError
+    from embedstore.backbones.split import split_at
+
+    weights = tmp_path / "MobileNetV2.weights.h5"  # offline: random weights are enough here
+    keras.applications.MobileNetV2(weights=None).save_weights(weights)
+    model = load_backbone(f"keras:MobileNetV2@{weights}").model
+    bottom, top = split_at(model, "block_13_expand")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    assert bottom.output.shape[1:] == (14, 14, 96)
+    np.testing.assert_allclose(top(bottom(x)), model(x), atol=1e-4)
+    with pytest.raises(BackboneError, match="block_13_expand"):  # inside a residual block
+        split_at(model, "block_14_project")
