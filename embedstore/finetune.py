@@ -88,8 +88,6 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
              patience: int = 2, cache_dir: str | Path | None = None,
              log: Callable[[str], None] = _log_default) -> dict:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report."""
-    import keras
-
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
     store = manifest["store"]
@@ -132,6 +130,8 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     train_rows = np.array([r for r in train_rows if rows.sha256[r] not in skipped], np.int64)
 
     start = time.perf_counter()
+    if isinstance(head, KNNHead):
+        log("the knn head has no weights to start from: training a fresh softmax layer")
     classes = np.asarray(head.classes_)
     model = _training_model(top, head, len(classes), from_pixels, augment)
     fit_rows, hold_rows = _holdout(rows, train_rows, split["seed"])
@@ -139,7 +139,6 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
                             for r in idx}
     if from_pixels:
         resizer = Resizer(backbone.input_size, backbone.crop_fraction)
-        root = _images_root(images, store, None)
         make = lambda idx, shuffle: _pixel_dataset(root, rows, idx, label_of(idx), resizer,  # noqa
                                                     len(classes), batch_size, shuffle)
     else:
@@ -147,20 +146,8 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
                                                    batch_size, shuffle,
                                                    augment == "flip" and shuffle)
     steps = max(1, math.ceil(len(fit_rows) / batch_size)) * epochs
-    warmup = max(1, steps // 10)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, steps - warmup), warmup_target=learning_rate, warmup_steps=warmup)
-    model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4),
-                  keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
-                  metrics=["accuracy"])
-    keras.utils.set_random_seed(split["seed"])
-    with warnings.catch_warnings():  # a tf.data of unknown length: Keras warns every epoch
-        warnings.simplefilter("ignore", UserWarning)
-        history = model.fit(make(fit_rows, True), validation_data=make(hold_rows, False),
-                            epochs=epochs, verbose=0, callbacks=[
-                                keras.callbacks.EarlyStopping("val_loss", patience=patience,
-                                                              restore_best_weights=True),
-                                _EpochLog(epochs, log)])
+    history = _fit(model, make(fit_rows, True), make(hold_rows, False), steps, learning_rate,
+                   epochs, patience, split["seed"], log)
     _freeze_batchnorm(top, frozen=False)  # saved as it was loaded
     timings["train_seconds"] = round(time.perf_counter() - start, 2)
 
@@ -229,7 +216,9 @@ def _load_head_backbone(manifest: dict) -> Backbone:
         raise FinetuneError(f"backbone {expected['name']} here has fingerprint "
                             f"{backbone.fingerprint[:12]}, the head was trained on "
                             f"{expected['fingerprint'][:12]}; install the same weights")
-    if not isinstance(backbone.model, __import__("keras").Model):
+    import keras
+
+    if not isinstance(backbone.model, keras.Model):
         raise FinetuneError(f"backbone {expected['name']} is not a Keras model and cannot be "
                             "split into blocks")
     return backbone
@@ -287,7 +276,8 @@ def _fill_cache(cache: ActivationCache, bottom, backbone: Backbone, rows: Rows, 
         if sha not in seen:
             seen.add(sha)
             todo.append(r)
-    problems: list[dict] = list(cache.meta.get("left_out", []))
+    # files left out by an earlier run stay out, unless --images is given to try them again
+    problems: list[dict] = [] if images else list(cache.meta.get("left_out", []))
     left = {p["sha256"] for p in problems}
     todo = [r for r in todo if rows.sha256[r] not in left]
     if not todo:
@@ -295,7 +285,7 @@ def _fill_cache(cache: ActivationCache, bottom, backbone: Backbone, rows: Rows, 
         return problems
     root = _images_root(images, store, cache)
     log(f"caching block inputs of {len(todo)} images in {cache.dir} ({len(done)} cached)")
-    run = tf.function(lambda x: bottom(x, training=False))
+    run = tf.function(lambda x: bottom(x, training=False), autograph=False)
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     new_problems: list[dict] = []
     images_iter = _verified_images(root, rows, todo, resizer, new_problems)
@@ -359,7 +349,10 @@ def _pixel_dataset(root: Path, rows: Rows, indices, label_of: dict, resizer: Res
         tf.TensorSpec((size, size, 3), tf.float32), tf.TensorSpec((), tf.int32)))
     if shuffle:
         ds = ds.shuffle(256)
-    return ds.map(lambda x, y: (x, tf.one_hot(y, n_classes))).batch(batch_size).prefetch(2)
+    def one_hot(x, y):
+        return x, tf.one_hot(y, n_classes)
+
+    return ds.map(one_hot).batch(batch_size).prefetch(2)
 
 
 # --- the model -----------------------------------------------------------------------
@@ -404,6 +397,29 @@ def _training_model(top, head, n_classes: int, from_pixels: bool, augment: str):
     else:  # knn has no weights: a fresh softmax layer
         probs = keras.layers.Dense(n_classes, activation="softmax", name="head")(embedding)
     return keras.Model(inputs, probs)
+
+
+def _fit(model, train_ds, holdout_ds, steps: int, learning_rate: float, epochs: int,
+         patience: int, seed: int, log):
+    """AdamW, warm-up + cosine decay, label smoothing; early stopping on the hold-out."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    log(f"training on {'GPU ' + gpus[0].name if gpus else 'CPU'}")
+    warmup = max(1, steps // 10)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, steps - warmup), warmup_target=learning_rate, warmup_steps=warmup)
+    model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                  keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+                  metrics=["accuracy"])
+    keras.utils.set_random_seed(seed)
+    with warnings.catch_warnings():  # a tf.data of unknown length: Keras warns every epoch
+        warnings.simplefilter("ignore", UserWarning)
+        return model.fit(train_ds, validation_data=holdout_ds, epochs=epochs, verbose=0,
+                         callbacks=[keras.callbacks.EarlyStopping(
+                             "val_loss", patience=patience, restore_best_weights=True),
+                             _EpochLog(epochs, log)])
 
 
 def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +469,7 @@ def _save_backbone(backbone: Backbone, directory: Path) -> Backbone:
 def _embed_cache(cache: ActivationCache, top) -> Iterator[tuple[list, np.ndarray]]:
     import tensorflow as tf
 
-    run = tf.function(lambda x: top(x, training=False))
+    run = tf.function(lambda x: top(x, training=False), autograph=False)
     for sha, x in cache.chunks():
         vectors = [run(x[i:i + 128].astype(np.float32)).numpy() for i in range(0, len(x), 128)]
         yield list(sha), np.concatenate(vectors)
