@@ -77,7 +77,8 @@ def main() -> None:
     from embedstore.train import evaluate_head, train
 
     work = a.work
-    shutil.rmtree(work, ignore_errors=True)
+    for stale in list(work.glob("tuned*")) + list(work.glob("test-tuned*")):  # outputs of a run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     test_images = work / "test"
     write_pngs(test_images, "test", a.test_per_class)
     start = time.perf_counter()
@@ -110,7 +111,7 @@ def main() -> None:
     body = (table(["train images", "test images", "frozen logreg test acc",
                    "finetune test acc", "epochs", "cache s", "train s", "rebuild s",
                    "finetune peak RSS MB"], rows)
-            + f"\n\nfinetune defaults: block 14, 3 epochs, AdamW lr 1e-3 warm-up + cosine, batch "
+            + f"\n\nfinetune defaults: block 14, 3 epochs, AdamW lr 1e-4 warm-up + cosine, batch "
               f"64, flip; head logreg (C=0.1). Cache: {big['cache']['bytes'] / 1e6:.0f} MB for "
               f"{n_train} images (16-bit).\n\n"
             + table(["one epoch of blocks 14-18 + head", "images/s", "ratio"],

@@ -490,7 +490,7 @@ def export_cmd(head_dir, out, fmt) -> None:
               help="First block to train: 1..18 for mobilenet_v2, a layer name for keras: "
                    "backbones; 0 trains the whole network from pixels (slow on CPU).")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--learning-rate", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Peak of the warm-up + cosine schedule (AdamW).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--augment", default="flip", show_default=True, type=click.Choice(["flip", "none"]),

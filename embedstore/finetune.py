@@ -84,7 +84,7 @@ def _log_default(message: str) -> None:
 
 def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | None = None,
              unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int = 3,
-             learning_rate: float = 1e-3, batch_size: int = 64, augment: str = "flip",
+             learning_rate: float = 1e-4, batch_size: int = 64, augment: str = "flip",
              patience: int = 2, cache_dir: str | Path | None = None,
              log: Callable[[str], None] = _log_default) -> dict:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report."""
@@ -154,9 +154,6 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     start = time.perf_counter()
     tuned = _save_backbone(backbone, out / "backbone")
     timings["save_seconds"] = round(time.perf_counter() - start, 2)
-    if tuned.fingerprint == backbone.fingerprint:
-        raise FinetuneError("training left the weights unchanged; raise --learning-rate "
-                            "or --epochs")
 
     start = time.perf_counter()
     if from_pixels:
@@ -181,6 +178,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     report = {
         "head_dir": str(Path(head_dir).resolve()), "store": store, "out_dir": str(out.resolve()),
         "block": block_name, "epochs_run": len(history.epoch),
+        "kept_original_weights": getattr(history, "kept_original_weights", False),
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
         "head": manifest["head"],
         "head_init": "fresh softmax layer (a knn head has no weights to start from)"
@@ -407,19 +405,29 @@ def _fit(model, train_ds, holdout_ds, steps: int, learning_rate: float, epochs: 
 
     gpus = tf.config.list_physical_devices("GPU")
     log(f"training on {'GPU ' + gpus[0].name if gpus else 'CPU'}")
-    warmup = max(1, steps // 10)
+    warmup = steps // 10  # a tiny run (under 10 steps) starts at the peak: no step is wasted
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, steps - warmup), warmup_target=learning_rate, warmup_steps=warmup)
+        learning_rate / 10 if warmup else learning_rate, max(1, steps - warmup),
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
                   metrics=["accuracy"])
     keras.utils.set_random_seed(seed)
+    initial = model.get_weights()
+    start_loss = model.evaluate(holdout_ds, verbose=0, return_dict=True)["loss"]
+    log(f"start: hold-out loss {start_loss:.4f}")
     with warnings.catch_warnings():  # a tf.data of unknown length: Keras warns every epoch
         warnings.simplefilter("ignore", UserWarning)
-        return model.fit(train_ds, validation_data=holdout_ds, epochs=epochs, verbose=0,
-                         callbacks=[keras.callbacks.EarlyStopping(
-                             "val_loss", patience=patience, restore_best_weights=True),
-                             _EpochLog(epochs, log)])
+        history = model.fit(train_ds, validation_data=holdout_ds, epochs=epochs, verbose=0,
+                            callbacks=[keras.callbacks.EarlyStopping(
+                                "val_loss", patience=patience, restore_best_weights=True),
+                                _EpochLog(epochs, log)])
+    if min(history.history["val_loss"]) > start_loss:  # never hand back a worse backbone
+        model.set_weights(initial)
+        history.kept_original_weights = True
+        log("no epoch beat the starting hold-out loss: keeping the original weights "
+            "(try a lower --learning-rate or more images)")
+    return history
 
 
 def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

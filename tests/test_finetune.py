@@ -47,7 +47,7 @@ def tuned(tmp_path_factory, backbone):
     before = _digests(store, head)
     result = CliRunner().invoke(cli, ["finetune", str(head), str(work / "out"), "--images",
                                       str(images), "--unfreeze-from", BLOCK, "--epochs", "2",
-                                      "--json"])
+                                      "--learning-rate", "1e-4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     return {"work": work, "images": images, "store": store, "head": head, "out": work / "out",
@@ -57,10 +57,17 @@ def tuned(tmp_path_factory, backbone):
 def test_outputs_are_a_tuned_backbone_a_rebuilt_store_and_a_retrained_head(tuned, backbone):
     out, report = tuned["out"], tuned["report"]
     assert "epoch 2/2: loss" in tuned["stderr"] and "hold-out accuracy" in tuned["stderr"]
+    assert not report["kept_original_weights"]
     assert _digests(tuned["store"], tuned["head"]) == tuned["before"]  # originals untouched
     tuned_backbone = load_backbone(str(out / "backbone"))
     assert tuned_backbone.fingerprint != backbone.fingerprint
     assert report["backbone"]["after"] == tuned_backbone.fingerprint
+    layer = "features_17_conv_0_conv"  # trained: inside the top
+    assert not np.allclose(tuned_backbone.model.get_layer(layer).get_weights()[0],
+                           backbone.model.get_layer(layer).get_weights()[0])
+    layer = "features_10_conv_0_conv"  # frozen: below the block
+    np.testing.assert_array_equal(tuned_backbone.model.get_layer(layer).get_weights()[0],
+                                  backbone.model.get_layer(layer).get_weights()[0])
     with open_store(tuned["store"]) as a, open_store(out / "store.h5") as b:
         assert b.backbone["fingerprint"] == tuned_backbone.fingerprint
         original = sorted(zip(a.paths, a.sha256, [a.classes[y] for y in a.labels]))
@@ -69,7 +76,9 @@ def test_outputs_are_a_tuned_backbone_a_rebuilt_store_and_a_retrained_head(tuned
     manifest = json.loads((out / "head" / "manifest.json").read_text())
     assert manifest["head"] == "logreg"
     assert manifest["backbone"]["fingerprint"] == tuned_backbone.fingerprint
-    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.01
+    # 9 validation images here: allow one (the 0.01 bound is checked at bench scale)
+    one_image = 1 / report["n_val"]
+    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - one_image - 1e-9
     assert set(report["timings"]) >= {"cache_seconds", "train_seconds", "rebuild_seconds"}
 
 
