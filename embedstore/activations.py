@@ -90,6 +90,11 @@ class ActivationCache:
             with np.load(files[i]) as z:
                 yield z["sha256"], z["x"]
 
+    def update_meta(self, **fields) -> None:
+        """Record more about the cache (e.g. where the images are) in cache.json."""
+        self.meta.update(fields)
+        self._write_atomic(self.dir / META, json.dumps(self.meta, indent=2).encode())
+
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.chunk_files())
 

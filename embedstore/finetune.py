@@ -294,8 +294,7 @@ def _fill_cache(cache: ActivationCache, bottom, backbone: Backbone, rows: Rows, 
     for p in new_problems:
         log(f"  left out: {p['path']}: {p['reason']}")
     problems += new_problems
-    cache.meta.update(images=str(root), left_out=problems)
-    cache._write_atomic(cache.dir / "cache.json", json.dumps(cache.meta, indent=2).encode())
+    cache.update_meta(images=str(root), left_out=problems)
     return problems
 
 
