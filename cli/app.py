@@ -665,3 +665,58 @@ def export_cmd(head_dir, out, fmt, backbone_name) -> None:
 
     path = export(head_dir, out, fmt, backbone_name=backbone_name)
     click.echo(f"exported {fmt} to {path}", err=True)
+
+
+# --- finetune ------------------------------------------------------------------------
+
+@cli.command("finetune")
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--images", type=click.Path(exists=True),
+              help="The folder (or file list) the head's store was extracted from; needed "
+                   "until the activation cache is complete (the store does not record it).")
+@click.option("--unfreeze-from", "block", default="14", show_default=True,
+              help="First block to train: 1..18 for mobilenet_v2, a layer name for keras: "
+                   "backbones; 0 trains the whole network from pixels (slow on CPU).")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Peak of the warm-up + cosine schedule (AdamW).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--augment", default="flip", show_default=True, type=click.Choice(["flip", "none"]),
+              help="flip: random horizontal flips of the cached maps (from pixels: flip, "
+                   "rotation and zoom).")
+@click.option("--patience", default=2, show_default=True, type=click.IntRange(1),
+              help="Epochs without hold-out improvement before stopping early.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where the activation cache lives [default: STORE.activations/BLOCK-FP].")
+@click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def finetune_cmd(head_dir, out_dir, images, block, epochs, learning_rate, batch_size, augment,
+                 patience, cache_dir, backbone_name, as_json) -> None:
+    """Fine-tune the top of the backbone of the head in HEAD_DIR; rebuild store and head.
+
+    The frozen bottom runs once over the store's images into an activation
+    cache (reused by later runs with the same block); the top blocks and a
+    softmax head initialised from HEAD_DIR train on it, early-stopping on a
+    hold-out of the training rows. OUT_DIR gets backbone/ (use it with
+    --backbone), store.h5 (rebuilt from the cache), head/ (the same head type
+    retrained) and report.json. The original store and head are only read.
+    """
+    from embedstore.finetune import finetune
+
+    report = finetune(head_dir, out_dir, images=images, unfreeze_from=block, epochs=epochs,
+                      learning_rate=learning_rate, batch_size=batch_size, augment=augment,
+                      patience=patience, cache_dir=cache_dir,
+                      log=lambda line: click.echo(line, err=True), backbone_name=backbone_name)
+    if as_json:
+        _json_out(report)
+        return
+    b, a = report["before"], report["after"]
+    click.echo(f"{'':<10}{'val_acc':>9}{'val_f1':>9}")
+    click.echo(f"{'before':<10}{b['val_accuracy']:>9.4f}{b['val_macro_f1']:>9.4f}")
+    click.echo(f"{'after':<10}{a['val_accuracy']:>9.4f}{a['val_macro_f1']:>9.4f}")
+    click.echo("seconds: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}"
+                                       for k, v in report["timings"].items()))
+    for p in report["left_out"][:10]:
+        click.echo(f"left out: {p['path']}: {p['reason']}", err=True)
+    click.echo(f"wrote {out_dir}/backbone, store.h5, head, report.json", err=True)

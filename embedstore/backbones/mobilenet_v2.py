@@ -190,3 +190,27 @@ def load() -> tuple[keras.Model, keras.Model]:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return embedder, classifier
+
+
+# --- block boundaries (for fine-tuning the top) ---------------------------------------
+
+LAST_BLOCK = 18  # features.18 is the final 1x1 convolution to 1280 channels
+
+
+def port_blocks() -> list[int]:
+    """Blocks a fine-tune can start at: torchvision's features[1..18]."""
+    return list(range(1, LAST_BLOCK + 1))
+
+
+def block_entry_layer(index: int) -> str:
+    """Name of the first layer of features.{index}: its input is the block's input."""
+    if index == LAST_BLOCK:
+        return f"features_{index}_conv"
+    if index == 1:  # expansion 1: the block starts with its depthwise convolution
+        return "features_1_conv_0_pad"
+    return f"features_{index}_conv_0_conv"
+
+
+def is_port(model) -> bool:
+    """True for this port (also after a save/load): its layer names are ours."""
+    return any(layer.name == f"features_{LAST_BLOCK}_conv" for layer in model.layers)
