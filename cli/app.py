@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from embedstore.engines import ENGINES
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
 BACKBONE_HELP = ("Backbone: mobilenet_v2 (default, offline), keras:<Application>[@weights.h5], "
@@ -106,10 +107,20 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--workers", type=click.IntRange(1, 64), help="Decode threads [default: cores + 2].")
 @click.option("--prune", is_flag=True,
               help="Drop rows (and failures) of files that are no longer under IMAGES.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
+              help="Where decoding and the model run: this process, or a Ray cluster "
+                   "(needs pip install 'embedstore[ray]').")
+@click.option("--address", help="ray: the cluster to join, e.g. auto or HOST:6379 "
+                                "[default: start Ray on this machine].")
+@click.option("--num-workers", type=click.IntRange(1),
+              help="ray: model workers (actors) [default: one per GPU share with "
+                   "--gpus-per-worker, else half the cluster's CPUs].")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, min_open=True),
+              help="ray: GPUs each model worker reserves (e.g. 1, or 0.5 to share one).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                prune, quiet, as_json) -> None:
+                prune, engine, address, num_workers, gpus_per_worker, quiet, as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
@@ -137,7 +148,9 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     try:
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
-                         prune=prune, progress=on_progress)
+                         prune=prune, progress=on_progress, engine=engine,
+                         engine_options={"address": address, "num_workers": num_workers,
+                                         "gpus_per_worker": gpus_per_worker})
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from embedstore.backbones import Backbone, load_backbone
+from embedstore.engines import EngineJob, get_engine
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, Resizer, batched, stream
 from embedstore.sources import scan
 from embedstore.store import StoreWriter
@@ -68,13 +69,17 @@ def backbone_meta(backbone: Backbone) -> dict:
 def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "mobilenet_v2",
             batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
             commit_every: int = 512, workers: int | None = None, prune: bool = False,
-            progress: Callable[[Progress], None] | None = None) -> ExtractResult:
+            progress: Callable[[Progress], None] | None = None, engine: str = "local",
+            engine_options: dict | None = None) -> ExtractResult:
     """Embed every image under IMAGES that the store does not hold yet.
 
     With prune, rows and failures of files no longer under IMAGES are dropped.
+    `engine` says where decoding and the model run (see embedstore.engines);
+    `engine_options` are that engine's own settings (e.g. Ray's address).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
     source = scan(images)
     if isinstance(backbone, str):
         backbone = load_backbone(backbone)
@@ -97,13 +102,17 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                 writer.commit()
                 since_commit = 0
 
-        to_embed = _classify(stream([r.path for r in refs], resizer, writer.known, max_pixels,
-                                    workers), refs, writer, source.root, state, new_failures,
-                             progress)
-        for batch in batched(to_embed, batch_size):
-            embed(batch)
-            if progress:
-                progress(state)
+        if run_elsewhere is not None:
+            run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
+                                    progress, batch_size, max_pixels, commit_every))
+        else:
+            to_embed = _classify(stream([r.path for r in refs], resizer, writer.known,
+                                        max_pixels, workers), refs, writer, source.root, state,
+                                 new_failures, progress)
+            for batch in batched(to_embed, batch_size):
+                embed(batch)
+                if progress:
+                    progress(state)
         if prune:
             gone = writer.paths() - {r.relpath for r in refs}
             for path in sorted(gone):
@@ -120,22 +129,30 @@ def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
     for item in loaded:
         ref = refs[item.index]
         state.done += 1
-        if item.error is not None:
-            state.failed += 1
-            if not writer.failed_before(ref.relpath, item.sha256 or ""):
-                writer.add_failure(ref.relpath, item.sha256, item.error)
-                new_failures.append({"path": ref.relpath, "reason": item.error})
-        elif item.image is None:
-            if writer.path_sha.get(ref.relpath) == item.sha256:
-                state.unchanged += 1
-            else:
-                _reuse(writer, ref, item.sha256, root)
-                state.reused += 1
-        else:
+        if item.error is None and item.image is not None:
             yield ref, item
             continue
+        record_unembedded(writer, ref, item.sha256, item.error, root, state, new_failures)
         if progress:
             progress(state)
+
+
+def record_unembedded(writer: StoreWriter, ref, sha: str | None, error: str | None, root: str,
+                      state: Progress, new_failures: list) -> None:
+    """A file that needs no model run: a failure, unchanged, or known content at a new path.
+
+    Every engine classifies through here, so all of them write the same store.
+    """
+    if error is not None:
+        state.failed += 1
+        if not writer.failed_before(ref.relpath, sha or ""):
+            writer.add_failure(ref.relpath, sha, error)
+            new_failures.append({"path": ref.relpath, "reason": error})
+    elif writer.path_sha.get(ref.relpath) == sha:
+        state.unchanged += 1
+    else:
+        _reuse(writer, ref, sha, root)
+        state.reused += 1
 
 
 def _reuse(writer: StoreWriter, ref, sha: str, root: str) -> None:
