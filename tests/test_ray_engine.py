@@ -110,3 +110,13 @@ def test_ray_options_are_refused_for_the_local_engine():
         get_engine("local", {"address": "auto", "num_workers": None})
     with pytest.raises(EngineError, match="unknown engine 'spark'"):
         get_engine("spark")
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused(ray_session, mixed_tree, tmp_path,
+                                                   backbone):
+    store = tmp_path / "s.h5"
+    with pytest.raises(EngineError, match="has 0 GPUs"):
+        extract(mixed_tree, store, backbone, engine="ray",
+                engine_options={"gpus_per_worker": 1})
+    with pytest.raises(EngineError, match="leave none for decoding"):
+        extract(mixed_tree, store, backbone, engine="ray", engine_options={"num_workers": 2})

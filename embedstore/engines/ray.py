@@ -27,7 +27,7 @@ from embedstore.engines import EngineError, EngineJob
 from embedstore.extract import record_unembedded
 
 LOCAL_OBJECT_STORE_BYTES = 300 * 2**20  # enough for a few batches in flight on a small box
-FILES_PER_BLOCK = 256  # rows per input block: the unit Ray schedules a read task for
+FILES_PER_BLOCK = 64  # rows per input block: one read task; small blocks keep results streaming
 # A TensorFlow process holding the model takes ~1 GB. Reserving it stops Ray packing more
 # actors on a node than fit and, as the two stages then ask for different resources,
 # stops Ray fusing the decode tasks into the actors (which would serialise decoding
