@@ -3,10 +3,19 @@
 No logic lives here. Every library error becomes one line naming the file
 and the fix, with a non-zero exit code; nothing prints a traceback unless
 EMBEDSTORE_DEBUG=1.
+
+TensorFlow is imported only by the commands that need it (info, compact, an
+unchanged re-run... never pay its ~9 s start-up). Wherever it is first
+imported, a meta-path hook sends the process's stderr to /dev/null for the
+import: its native start-up lines (absl, oneDNN, CUDA probing) ignore every
+log setting. After it, TensorFlow's Python logger is set to errors only,
+which silences retracing warnings.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import os
 import sys
@@ -18,41 +27,54 @@ import click  # noqa: E402
 
 from embedstore_cli.app import cli  # noqa: E402
 
+INTERRUPTED = "embedstore: interrupted; committed work is kept, re-run to resume"
 
-def _import_tensorflow_quietly() -> None:
-    """TensorFlow's native start-up lines (absl, oneDNN, CUDA probing) ignore every
-    log setting; send the process's stderr to /dev/null while it loads."""
-    if os.environ.get("EMBEDSTORE_DEBUG"):
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` through the normal machinery, then runs its import with fd 2
+    pointed at /dev/null."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once is enough; and lets find_spec below recurse safely
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 2)
+                run(module)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.close(devnull)
+            module.get_logger().setLevel("ERROR")  # retracing warnings and the like
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def main() -> None:
     """Console entry point: run the click group, turning errors into one line."""
-    args = sys.argv[1:]
-    if args and not {"-h", "--help", "--version"} & set(args):
-        _import_tensorflow_quietly()
+    if not os.environ.get("EMBEDSTORE_DEBUG") and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
     try:
         cli.main(standalone_mode=False, prog_name="embedstore")
-    except click.exceptions.Abort:
-        click.echo("embedstore: interrupted; committed work is kept, re-run to resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("embedstore: interrupted; committed work is kept, re-run to resume", err=True)
-        sys.exit(130)
+    except BrokenPipeError:  # `embedstore predict ... | head`: the reader left, not an error
+        sys.stderr.close()
+        sys.exit(0)
     except Exception as exc:  # the promise: one line, never a traceback
         if os.environ.get("EMBEDSTORE_DEBUG"):
             raise

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
-from pathlib import Path
 
 import click
 
@@ -12,6 +12,11 @@ from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
 BACKBONE_HELP = ("Backbone: mobilenet_v2 (default, offline), keras:<Application>[@weights.h5], "
                  "hub:<handle-or-SavedModel-dir>, or a directory saved by embedstore.")
+
+
+TRUST_HELP = ("The head's backbone, when it is not mobilenet_v2: a backbone named in a head "
+              "directory (a SavedModel, a saved model directory) is loaded only when you "
+              "name it here too, since loading it can run code from disk.")
 
 
 def _json_out(obj) -> None:
@@ -107,6 +112,9 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--workers", type=click.IntRange(1, 64), help="Decode threads [default: cores + 2].")
 @click.option("--prune", is_flag=True,
               help="Drop rows (and failures) of files that are no longer under IMAGES.")
+@click.option("--follow-links", is_flag=True,
+              help="Also read symlinks that lead outside IMAGES (by default they are "
+                   "recorded as failures and not read).")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
               help="Where decoding and the model run: this process, or a Ray cluster "
                    "(needs pip install 'embedstore[ray]').")
@@ -120,12 +128,13 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                prune, engine, address, num_workers, gpus_per_worker, quiet, as_json) -> None:
+                prune, follow_links, engine, address, num_workers, gpus_per_worker, quiet,
+                as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
-    names), a flat folder of images (unlabelled), or a text file with one
-    path per line. Re-running embeds only new or changed files; a crash or
+    names), a flat folder of images (unlabelled), one image, or a text file
+    with one path per line. Re-running embeds only new or changed files; a crash or
     Ctrl-C keeps every committed batch and the next run resumes. Bad files
     are recorded in the store's /failures with the reason.
     """
@@ -135,7 +144,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     if not quiet and _tty():
         from embedstore.sources import scan
 
-        bar = click.progressbar(length=len(scan(images).images), label="extracting",
+        bar = click.progressbar(length=len(scan(images, follow_links).images), label="extracting",
                                 file=sys.stderr, show_eta=True, show_pos=True,
                                 item_show_func=lambda s: s)
         bar.__enter__()
@@ -148,7 +157,8 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     try:
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
-                         prune=prune, progress=on_progress, engine=engine,
+                         prune=prune, progress=on_progress, follow_links=follow_links,
+                         engine=engine,
                          engine_options={"address": address, "num_workers": num_workers,
                                          "gpus_per_worker": gpus_per_worker})
     finally:
@@ -213,6 +223,9 @@ def compact_cmd(store) -> None:
 
 
 # --- heads: train / sweep / evaluate -------------------------------------------------
+# The head options come from the heads themselves: which heads take an option, its
+# default and its choices are read from the constructors and their parameter
+# constraints, so help, errors and code cannot drift apart.
 
 def _float_or_auto(text: str):
     return text if text == "auto" else float(text)
@@ -229,111 +242,206 @@ def _hidden(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.lower().split("x"))
 
 
+def _show_hidden(sizes) -> str:
+    return "x".join(str(s) for s in sizes) if sizes else "0"
+
+
 def _class_weight(text: str):
     return None if text == "none" else text
 
 
-# option -> (head parameter, parser, heads it applies to)
-HEAD_OPTIONS = {
-    "C": ("C", _float_or_auto, {"logreg"}),
-    "max_iter": ("max_iter", int, {"logreg"}),
-    "class_weight": ("class_weight", _class_weight, {"logreg", "dense", "knn"}),
-    "hidden": ("hidden", _hidden, {"dense"}),
-    "dropout": ("dropout", float, {"dense"}),
-    "label_smoothing": ("label_smoothing", float, {"dense"}),
-    "optimizer": ("optimizer", str, {"dense"}),
-    "learning_rate": ("learning_rate", float, {"dense"}),
-    "momentum": ("momentum", float, {"dense"}),
-    "epochs": ("epochs", int, {"dense"}),
-    "batch_size": ("batch_size", _int_or_auto, {"dense"}),
-    "patience": ("patience", int, {"dense"}),
-    "k": ("k", int, {"knn"}),
-    "weights": ("weights", str, {"knn"}),
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "true", "yes", "1"):
+        return True
+    if text.lower() in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(text)
+
+
+# flag -> (head parameter, parser, what it is)
+HEAD_FLAGS = {
+    "--C": ("C", _float_or_auto, "inverse regularisation strength, or 'auto' to choose it "
+                                 "by cross-validation"),
+    "--max-iter": ("max_iter", int, "L-BFGS iteration budget"),
+    "--class-weight": ("class_weight", _class_weight, "'balanced' or 'none'"),
+    "--hidden": ("hidden", _hidden, "hidden layer sizes, e.g. 256 or 512x128; 0 for none"),
+    "--dropout": ("dropout", float, "dropout rate"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing"),
+    "--optimizer": ("optimizer", str, "optimizer"),
+    "--learning-rate": ("learning_rate", float, "learning rate"),
+    "--momentum": ("momentum", float, "SGD momentum"),
+    "--epochs": ("epochs", int, "most epochs"),
+    "--head-batch-size": ("batch_size", _int_or_auto, "training batch size, or auto: "
+                                                      "min(512, max(32, rows/100))"),
+    "--early-stopping": ("early_stopping", _on_off, "on/off: stop when the loss on a "
+                                                    "hold-out of the training rows stops "
+                                                    "improving"),
+    "--patience": ("patience", int, "early-stopping patience in epochs"),
+    "--k": ("k", int, "neighbours"),
+    "--weights": ("weights", str, "neighbour votes"),
 }
+PARAM_FLAGS = {param: flag for flag, (param, _, _) in HEAD_FLAGS.items()}
+
+
+def _heads_taking(param: str) -> dict[str, object]:
+    """head name -> constructor default, for every head with this parameter."""
+    from embedstore.heads import HEADS
+
+    out = {}
+    for kind, cls in HEADS.items():
+        p = inspect.signature(cls.__init__).parameters.get(param)
+        if p is not None:
+            out[kind] = p.default
+    return out
+
+
+def _choices(param: str) -> list[str]:
+    """The allowed strings of a parameter that takes nothing but strings."""
+    from sklearn.utils._param_validation import StrOptions
+
+    from embedstore.heads import HEADS
+
+    found = set()
+    for cls in HEADS.values():
+        constraints = getattr(cls, "_parameter_constraints", {}).get(param, [])
+        if constraints and all(isinstance(c, StrOptions) for c in constraints):
+            found |= {o for c in constraints for o in c.options}
+    return sorted(found)
+
+
+def _show_default(param: str, value) -> str:
+    if param == "hidden":
+        return _show_hidden(value)
+    if param == "early_stopping":
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def _flag_help(flag: str, multi: bool) -> str:
+    param, _, text = HEAD_FLAGS[flag]
+    heads = _heads_taking(param)
+    defaults = {_show_default(param, d) for d in heads.values()}
+    where = "all heads" if len(heads) == 3 else "/".join(heads)
+    choices = _choices(param)
+    return (f"{where}: {text}" + (f" ({' or '.join(choices)})" if choices else "")
+            + f" [default: {', '.join(sorted(defaults))}]"
+            + (" (comma list)" if multi else "") + ".")
+
+
+class _HeadOption(click.Option):
+    """Its help is read from the heads when --help is shown, so importing the CLI does
+    not import scikit-learn (info and compact stay instant)."""
+
+    def __init__(self, *args, multi: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.multi = multi
+
+    def get_help_record(self, ctx):
+        self.help = _flag_help(self.opts[0], self.multi)
+        return super().get_help_record(ctx)
+
+
+class _RegistryChoice(click.Choice):
+    """click.Choice over a registry that is imported only when a value is checked."""
+
+    def __init__(self, load):  # click.Choice.__init__ would read the registry now
+        self._load = load
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        return tuple(self._load())
+
+
+def _head_names():
+    from embedstore.heads import HEADS
+
+    return HEADS
 
 
 def head_options(multi: bool):
     """The head hyper-parameter options; with multi, each takes a comma list (sweep)."""
-    lst = " (comma list)" if multi else ""
-    specs = [
-        ("--C", "C", f"logreg: inverse regularisation [0.1], or 'auto' to cross-validate{lst}."),
-        ("--max-iter", "max_iter", f"logreg: L-BFGS iteration budget [40]{lst}."),
-        ("--class-weight", "class_weight", f"'balanced' or 'none' (all heads){lst}."),
-        ("--hidden", "hidden", f"dense: hidden sizes, e.g. 256 or 512x128; 0 for none{lst}."),
-        ("--dropout", "dropout", f"dense: dropout rate{lst}."),
-        ("--label-smoothing", "label_smoothing", f"dense: label smoothing{lst}."),
-        ("--optimizer", "optimizer", f"dense: adam or sgd (with momentum){lst}."),
-        ("--learning-rate", "learning_rate", f"dense: learning rate{lst}."),
-        ("--momentum", "momentum", f"dense: SGD momentum{lst}."),
-        ("--epochs", "epochs", f"dense: most epochs (early stopping on validation loss){lst}."),
-        ("--head-batch-size", "batch_size", f"dense: training batch size, or auto "
-                                            f"(min(512, max(32, rows/100))){lst}."),
-        ("--patience", "patience", f"dense: early-stopping patience in epochs{lst}."),
-        ("--k", "k", f"knn: neighbours{lst}."),
-        ("--weights", "weights", f"knn: uniform or distance{lst}."),
-    ]
 
     def decorate(f):
-        for flag, dest, help_text in reversed(specs):
-            f = click.option(flag, dest, default=None, help=help_text)(f)
+        for flag in reversed(list(HEAD_FLAGS)):
+            f = click.option(flag, HEAD_FLAGS[flag][0], cls=_HeadOption, multi=multi,
+                             default=None, metavar="VALUE")(f)
         return f
 
     return decorate
 
 
 def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
-    """Turn the given options into head parameters; refuse ones that do not apply."""
+    """Turn the given options into head parameters; refuse ones that do not apply and
+    values the head would refuse, naming the option."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from embedstore.heads import validate_head_params
+
     params = {}
     for dest, raw in given.items():
         if raw is None:
             continue
-        name, parse, heads = HEAD_OPTIONS[dest]
+        flag = PARAM_FLAGS[dest]
+        parse = HEAD_FLAGS[flag][1]
+        heads = _heads_taking(dest)
         if head not in heads:
             if multi:
                 continue  # a sweep option for another head in the same sweep
-            flag = "--" + ("head-batch-size" if dest == "batch_size" else dest.replace("_", "-"))
-            raise click.UsageError(f"{flag} applies to the {'/'.join(sorted(heads))} head, "
-                                   f"not {head}")
+            raise click.UsageError(f"{flag} applies to the {'/'.join(heads)} head, not {head}")
         try:
-            params[name] = [parse(v.strip()) for v in raw.split(",")] if multi else parse(raw)
+            values = [parse(v.strip()) for v in raw.split(",")] if multi else [parse(raw)]
         except ValueError:
-            raise click.UsageError(f"cannot read {raw!r} for --{dest.replace('_', '-')}") from None
+            raise click.UsageError(f"{flag}: cannot read {raw!r} ({_flag_help(flag, multi)})") \
+                from None
+        for value in values:
+            try:
+                validate_head_params(head, {dest: value})
+            except (InvalidParameterError, ValueError) as exc:
+                raise click.UsageError(f"{flag} {raw}: {exc}") from None
+        params[dest] = values if multi else values[0]
     return params
 
 
-HEAD_CHOICE = click.Choice(["logreg", "dense", "knn"])
+def _show_params(params: dict) -> str:
+    shown = {k: _show_default(k, v) for k, v in params.items()}
+    return ", ".join(f"{PARAM_FLAGS.get(k, k).lstrip('-')}={v}" for k, v in shown.items())
 
 
 @cli.command("train")
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--head", default="logreg", show_default=True, type=HEAD_CHOICE,
+@click.option("--head", default="logreg", show_default=True, type=_RegistryChoice(_head_names),
               help="logreg: standardise + multinomial logistic regression; dense: a Keras "
                    "head; knn: cosine nearest neighbours.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation (by content hash: stable).")
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
 @head_options(multi=False)
+@click.option("--overwrite", is_flag=True, help="Replace a head already in OUT_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
-def train_cmd(store, out_dir, head, val_fraction, seed, as_json, **options) -> None:
+def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **options) -> None:
     """Train a classifier head on STORE's embeddings; write it to OUT_DIR.
 
-    OUT_DIR gets the model (model.joblib, plus model.keras for dense),
-    manifest.json (head, hyper-parameters, classes, backbone fingerprint,
-    store, rows hash, split, versions) and metrics.json (val_accuracy,
-    val_macro_f1, train_seconds, ...).
+    OUT_DIR gets the head's learned state (state.npz and state.json, plus
+    model.keras for dense: no pickles), manifest.json (head, effective
+    hyper-parameters, classes, backbone fingerprint, store, rows hash,
+    split, versions) and metrics.json (val_accuracy, val_macro_f1,
+    train_seconds, ...). An existing head is replaced only with --overwrite.
     """
     from embedstore.train import train
 
     params = parse_head_params(head, options)
-    metrics = train(store, out_dir, head=head, val_fraction=val_fraction, seed=seed, **params)
+    metrics = train(store, out_dir, head=head, val_fraction=val_fraction, seed=seed,
+                    overwrite=overwrite, **params)
     if as_json:
         _json_out(metrics)
         return
-    click.echo(f"{head}: val_accuracy {metrics.get('val_accuracy', float('nan')):.4f}  "
-               f"val_macro_f1 {metrics.get('val_macro_f1', float('nan')):.4f}  "
-               f"train {metrics['n_train']} rows in {metrics['train_seconds']:.2f} s  "
-               f"-> {out_dir}")
+    scored = (f"val_accuracy {metrics['val_accuracy']:.4f}  "
+              f"val_macro_f1 {metrics['val_macro_f1']:.4f}" if "val_accuracy" in metrics
+              else "no validation split (--val-fraction 0)")
+    click.echo(f"{head}: {scored}  train {metrics['n_train']} rows in "
+               f"{metrics['train_seconds']:.2f} s  -> {out_dir}")
     if metrics.get("chosen_C") is not None and params.get("C") == "auto":
         click.echo(f"cross-validation chose C = {metrics['chosen_C']}")
     if metrics["duplicates_across_classes"]:
@@ -343,7 +451,7 @@ def train_cmd(store, out_dir, head, val_fraction, seed, as_json, **options) -> N
 
 @cli.command("sweep")
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", "heads", multiple=True, type=HEAD_CHOICE,
+@click.option("--head", "heads", multiple=True, type=_RegistryChoice(_head_names),
               help="Head type to include; repeat for several [default: logreg, dense, knn].")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
@@ -365,8 +473,8 @@ def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
 
     def on_result(m):
         if not as_json and _tty():
-            click.echo(f"  done: {m['head']} {m['params']} -> {m.get('val_accuracy', 0):.4f}",
-                       err=True)
+            click.echo(f"  done: {m['head']} {_show_params(m['given_params']) or 'defaults'} "
+                       f"-> {m.get('val_accuracy', 0):.4f}", err=True)
 
     board = sweep(store, candidates, val_fraction, seed, on_result)
     if as_json:
@@ -374,7 +482,7 @@ def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
         return
     click.echo(f"{'rank':<5}{'head':<8}{'val_acc':>8}{'val_f1':>8}{'train_s':>9}  params")
     for i, m in enumerate(board, 1):
-        params = ", ".join(f"{k}={v}" for k, v in m["params"].items()) or "defaults"
+        params = _show_params(m["given_params"]) or "defaults"
         click.echo(f"{i:<5}{m['head']:<8}{m.get('val_accuracy', 0):>8.4f}"
                    f"{m.get('val_macro_f1', 0):>8.4f}{m['train_seconds']:>9.2f}  {params}")
 
@@ -394,16 +502,17 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
     F1 / support and the confusion matrix; writes confusion_matrix.png (and
     loss.png, accuracy.png for dense heads) into HEAD_DIR.
     """
-    from embedstore.train import evaluate_head
+    from embedstore.evaluate import evaluate_head
 
     result = evaluate_head(head_dir, store, plots=not no_plots)
     if as_json:
         _json_out(result)
     else:
-        topk = next(k for k in result if k.startswith("top"))
+        topk = next((k for k in result if k.startswith("top")), None)
         click.echo(f"{result['source']}: {result['n']} images")
-        click.echo(f"accuracy {result['accuracy']:.4f}  {topk.replace('_', ' ')} "
-                   f"{result[topk]:.4f}  macro F1 {result['macro_f1']:.4f}")
+        click.echo(f"accuracy {result['accuracy']:.4f}  "
+                   + (f"{topk.replace('_', ' ')} {result[topk]:.4f}  " if topk else "")
+                   + f"macro F1 {result['macro_f1']:.4f}")
         click.echo(f"{'class':<24}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
         for name, m in result["per_class"].items():
             click.echo(f"{name:<24}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}"
@@ -425,11 +534,14 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
               help="How many classes to list per image.")
 @click.option("--store", type=click.Path(exists=True, dir_okay=False),
               help="Reuse embeddings of images already in this store (no backbone run).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Images per backbone forward pass.")
+@click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="JSON list: path, label, probability, top_k, cached; or path, error.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,label,probability,top_k,error.")
-def predict_cmd(head_dir, paths, top_k, store, batch_size, as_json, as_csv) -> None:
+def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_json,
+                as_csv) -> None:
     """Predict labels for image files and folders (recursive) with the head in HEAD_DIR.
 
     Images go through the same pipeline as extraction, with the backbone the
@@ -440,7 +552,8 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, as_json, as_csv) -> N
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size)
+    results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size,
+                      backbone=backbone_name)
     if as_json:
         _json_out(results)
     elif as_csv:
@@ -469,23 +582,31 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, as_json, as_csv) -> N
         sys.exit(1)
 
 
+def _export_formats():
+    from embedstore.export_formats import FORMATS
+
+    return FORMATS
+
+
 @cli.command("export")
 @click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", default="savedmodel", show_default=True,
-              type=click.Choice(["savedmodel", "keras", "tflite"]),
+              type=_RegistryChoice(_export_formats),
               help="savedmodel: a directory with image-bytes and uint8 signatures; "
                    "keras / tflite: one file on resized pixels.")
-def export_cmd(head_dir, out, fmt) -> None:
+@click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
+def export_cmd(head_dir, out, fmt, backbone_name) -> None:
     """Export backbone + head in HEAD_DIR as one model: image in, probabilities out.
 
     The SavedModel's `serving_default` takes encoded JPEG/PNG/GIF/BMP bytes
     ([N] string), `predict_images` a uint8 batch [N, H, W, 3]; both resize
     the way embedstore does and return probabilities, label and probability.
     The keras and tflite files take [N, S, S, 3] RGB floats in [0, 255]
-    already resized. labels.txt and export.json are written beside.
+    already resized (tflite: signature serving_default, input "pixels",
+    output "probabilities"). labels.txt and export.json are written beside.
     """
     from embedstore.export import export
 
-    path = export(head_dir, out, fmt)
+    path = export(head_dir, out, fmt, backbone_name=backbone_name)
     click.echo(f"exported {fmt} to {path}", err=True)

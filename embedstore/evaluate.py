@@ -1,4 +1,5 @@
-"""Metrics, reports and plots for a classifier's probabilities (arrays in)."""
+"""Metrics, reports and plots for a classifier's probabilities (arrays in), and
+`evaluate_head`, which scores a head directory on its validation split or a test store."""
 
 from __future__ import annotations
 
@@ -8,31 +9,42 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,
                              f1_score, top_k_accuracy_score)
 
+TOP_K = 5
 
-def classification_metrics(y_true, proba, classes: list[str], top_k: int = 5) -> dict:
-    """Accuracy, top-k, macro F1, per-class precision/recall/F1/support, confusion matrix.
+
+def top_k_key(n_classes: int) -> str | None:
+    """The top-k metric's name, or None when k >= classes would make it trivially 1."""
+    return f"top{TOP_K}_accuracy" if n_classes > TOP_K else None
+
+
+def classification_metrics(y_true, proba, classes: list[str]) -> dict:
+    """Accuracy, top-5 (more than 5 classes), macro F1, per-class precision/recall/F1/support,
+    confusion matrix.
 
     y_true: indices into `classes`; proba: (n, len(classes)) probabilities.
     """
     y_true = np.asarray(y_true)
     labels = np.arange(len(classes))
     y_pred = np.argmax(proba, axis=1)
-    k = min(top_k, len(classes) - 1) if len(classes) > 2 else 1
     report = classification_report(y_true, y_pred, labels=labels, target_names=classes,
                                    output_dict=True, zero_division=0)
-    return {
+    out = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        f"top{k}_accuracy": float(top_k_accuracy_score(y_true, proba, k=k, labels=labels))
-        if len(classes) > 2 else float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
                                    zero_division=0)),
+    }
+    key = top_k_key(len(classes))
+    if key:
+        out[key] = float(top_k_accuracy_score(y_true, proba, k=TOP_K, labels=labels))
+    out.update({
         "per_class": {c: {"precision": report[c]["precision"], "recall": report[c]["recall"],
                           "f1": report[c]["f1-score"], "support": int(report[c]["support"])}
                       for c in classes},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
-    }
+    })
+    return out
 
 
 def _pyplot():
@@ -82,3 +94,60 @@ def plot_training_curves(history: dict, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+class EvaluationError(ValueError):
+    """A head cannot be evaluated as asked, with what to do about it."""
+
+
+def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
+                  plots: bool = True) -> dict:
+    """Metrics of a trained head on its validation split, or on every labelled row of STORE."""
+    from embedstore.backbones.reference import BackboneRef, check_same_backbone
+    from embedstore.headdir import MANIFEST, load_head, read_manifest
+    from embedstore.heads import DenseHead
+    from embedstore.splits import load_split
+    from embedstore.store import open_store
+
+    manifest = read_manifest(head_dir)
+    manifest_file = f"{Path(head_dir) / MANIFEST}"
+    model = load_head(head_dir)
+    classes = manifest.classes
+    if store is None:
+        if manifest.val_fraction <= 0:
+            raise EvaluationError(f"{head_dir} was trained with --val-fraction 0, so it has no "
+                                  "validation split; give a labelled test STORE to evaluate on")
+        if not Path(manifest.store).is_file():
+            raise EvaluationError(f"{head_dir} was trained on {manifest.store}, which no longer "
+                                  "exists; give a labelled test STORE to evaluate on")
+        split = load_split(manifest.store, manifest.val_fraction, manifest.seed,
+                           training_rows=False)
+        check_same_backbone(manifest.backbone, split.backbone, manifest_file, manifest.store)
+        X, y_names = split.X_val, [split.classes[c] for c in split.y_val]
+        source = f"validation split of {manifest.store}"
+    else:
+        with open_store(store) as s:
+            check_same_backbone(manifest.backbone, BackboneRef.from_dict(s.backbone, store),
+                                manifest_file, str(store))
+            rows = np.flatnonzero(s.labels >= 0)
+            if len(rows) == 0:
+                raise EvaluationError(f"{store} has no labelled rows to evaluate on")
+            X = s.embeddings(rows)
+            y_names = [s.classes[c] for c in s.labels[rows]]
+        unknown = sorted(set(y_names) - set(classes))
+        if unknown:
+            raise EvaluationError(f"{store} has classes the head never saw: "
+                                  f"{', '.join(unknown)}; evaluate on a store with the head's "
+                                  "classes")
+        source = f"every labelled row of {store}"
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[c] for c in y_names])
+    result = {"source": source, **classification_metrics(y, model.predict_proba(X), classes)}
+    if plots:
+        out = Path(head_dir)
+        files = [plot_confusion_matrix(result["confusion_matrix"], classes,
+                                       out / "confusion_matrix.png")]
+        if isinstance(model, DenseHead):
+            files += plot_training_curves(model.history_, out)
+        result["plots"] = [str(p) for p in files]
+    return result

@@ -13,8 +13,10 @@ Formats:
               both resize exactly as embedstore does (resize_for_backbone).
               Outputs: probabilities [N, C], label [N] string, probability [N].
   keras       a .keras model on resized pixels [N, S, S, 3] in [0, 255]
-  tflite      the same as keras, as a TensorFlow Lite flatbuffer
-Every format is written with labels.txt (one class per line, output order).
+  tflite      the same, as a TensorFlow Lite flatbuffer with one signature,
+              "serving_default": input "pixels", output "probabilities"
+Every format is written with labels.txt (one class per line, output order)
+and export.json (what the inputs and outputs are).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from embedstore.heads import DenseHead, KNNHead, LogRegHead, load_head
+from embedstore.headdir import HeadManifest, load_head, load_head_backbone, read_manifest
+from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.pipeline import min_decode_side, resize_for_backbone
-from embedstore.predict import head_backbone
-from embedstore.train import read_manifest
+from embedstore.export_formats import FORMATS
+from embedstore.quiet import native_output_silenced
 
-FORMATS = ("savedmodel", "keras", "tflite")
 
 
 class ExportError(ValueError):
@@ -87,13 +89,17 @@ def head_layer(head, dim: int):
     raise ExportError(f"cannot export a {type(head).__name__}")
 
 
-def build_model(head_dir: str | Path, backbone=None) -> tuple[keras.Model, dict]:
+def build_model(head_dir: str | Path, backbone=None,
+                backbone_name: str | None = None) -> tuple[keras.Model, HeadManifest]:
     """One Keras model: resized pixels in [0, 255] -> class probabilities."""
     manifest = read_manifest(head_dir)
-    backbone = backbone or head_backbone(manifest)
+    backbone = backbone or load_head_backbone(head_dir, backbone_name)
     if not isinstance(backbone.model, keras.Model):
-        raise ExportError(f"backbone {backbone.name} is not a Keras model; export needs one "
-                          "(mobilenet_v2, keras:<Application> or a saved embedstore backbone)")
+        raise ExportError(
+            f"backbone {backbone.name} is a TF-Hub SavedModel, not a Keras model, and export "
+            "composes Keras layers; Keras 3 cannot hold a SavedModel as a layer (hub.KerasLayer "
+            "needs Keras 2). Export needs mobilenet_v2, keras:<Application> or a saved "
+            "embedstore backbone directory")
     size = backbone.input_size
     pixels = keras.Input((size, size, 3), name="pixels")
     probabilities = head_layer(load_head(head_dir), backbone.dim)(backbone.model(pixels))
@@ -197,40 +203,66 @@ def _decode_other(data):
 
 
 def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
-           backbone=None) -> Path:
+           backbone=None, backbone_name: str | None = None) -> Path:
     """Write the deployable model to OUT (a directory for savedmodel, else a file)."""
-    import tensorflow as tf
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    model, manifest = build_model(head_dir, backbone)
-    classes = manifest["classes"]
-    cfg = manifest["backbone"]["config"]
-    size, crop = cfg["input_size"], cfg["crop_fraction"]
+    model, manifest = build_model(head_dir, backbone, backbone_name)
+    classes = manifest.classes
+    size, crop = manifest.backbone.input_size, manifest.backbone.crop_fraction
     out = Path(out)
-    if fmt == "savedmodel":
-        out.mkdir(parents=True, exist_ok=True)
-        _save_savedmodel(model, classes, size, crop, out)
-        labels_dir = out
-    elif fmt == "keras":
-        out = out if out.suffix == ".keras" else out.with_suffix(".keras")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(out)
-        labels_dir = out.parent
-    else:
-        out = out if out.suffix == ".tflite" else out.with_suffix(".tflite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # from_keras_model freezes the weights into the flatbuffer (converting a
-        # concrete function keeps them as variables nothing initialises: NaN out)
-        out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        labels_dir = out.parent
-    (labels_dir / "labels.txt").write_text("\n".join(classes) + "\n")
-    (labels_dir / "export.json").write_text(json.dumps({
+    suffix = {"keras": ".keras", "tflite": ".tflite"}.get(fmt, "")
+    if suffix and out.suffix != suffix:
+        out = out.with_suffix(suffix)
+    (out if fmt == "savedmodel" else out.parent).mkdir(parents=True, exist_ok=True)
+    with native_output_silenced():  # Keras and the converter print hundreds of lines
+        if fmt == "savedmodel":
+            _save_savedmodel(model, classes, size, crop, out)
+        elif fmt == "keras":
+            model.save(out)
+        else:
+            out.write_bytes(_tflite_bytes(model))
+    meta_dir = out if fmt == "savedmodel" else out.parent
+    (meta_dir / "labels.txt").write_text("\n".join(classes) + "\n")
+    (meta_dir / "export.json").write_text(json.dumps({
         "format": fmt, "file": out.name, "classes": classes, "input_size": size,
-        "crop_fraction": crop, "head": manifest["head"], "backbone": manifest["backbone"],
-        "pixels": "RGB float in [0, 255], resized by embedstore's resize_for_backbone"},
-        indent=2))
+        "crop_fraction": crop, "head": manifest.head, "backbone": manifest.backbone.as_dict(),
+        **_interface(fmt, size, len(classes))}, indent=2))
     return out
+
+
+def _interface(fmt: str, size: int, n_classes: int) -> dict:
+    """What export.json says about the model's inputs and outputs, per format."""
+    outputs = {"probabilities": f"float32 [N, {n_classes}], in labels.txt order"}
+    if fmt == "savedmodel":
+        return {"signatures": {
+            "serving_default": {
+                "inputs": {"images": "string [N]: encoded JPEG/PNG/GIF/BMP bytes, decoded and "
+                                     "resized inside the model as embedstore does"},
+                "outputs": {**outputs, "label": "string [N]", "probability": "float32 [N]"}},
+            "predict_images": {
+                "inputs": {"images": "uint8 [N, H, W, 3] RGB, any size, resized inside"},
+                "outputs": {**outputs, "label": "string [N]", "probability": "float32 [N]"}}}}
+    pixels = (f"float32 [N, {size}, {size}, 3] RGB in [0, 255], already resized as "
+              "embedstore.pipeline.resize_for_backbone does")
+    if fmt == "tflite":
+        return {"signatures": {"serving_default": {"inputs": {"pixels": pixels},
+                                                   "outputs": outputs}}}
+    return {"inputs": {"pixels": pixels}, "outputs": outputs}
+
+
+def _tflite_bytes(model: keras.Model) -> bytes:
+    """The model as a TFLite flatbuffer whose signature names its input and output.
+
+    from_keras_model freezes the weights (converting a concrete function or a
+    SavedModel of it kept them as variables nothing initialises: NaN out); a
+    dict output names the signature's output "probabilities" instead of
+    "output_0" (its input is already named "pixels").
+    """
+    import tensorflow as tf
+
+    named = keras.Model(model.inputs, {"probabilities": model.outputs[0]})
+    return tf.lite.TFLiteConverter.from_keras_model(named).convert()
 
 
 def _save_savedmodel(model, classes, size: int, crop: float, out: Path) -> None:

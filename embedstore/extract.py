@@ -69,18 +69,20 @@ def backbone_meta(backbone: Backbone) -> dict:
 def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "mobilenet_v2",
             batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
             commit_every: int = 512, workers: int | None = None, prune: bool = False,
-            progress: Callable[[Progress], None] | None = None, engine: str = "local",
+            progress: Callable[[Progress], None] | None = None,
+            follow_links: bool = False, engine: str = "local",
             engine_options: dict | None = None) -> ExtractResult:
     """Embed every image under IMAGES that the store does not hold yet.
 
     With prune, rows and failures of files no longer under IMAGES are dropped.
+    Symlinks leading out of IMAGES are recorded as failures unless follow_links.
     `engine` says where decoding and the model run (see embedstore.engines);
     `engine_options` are that engine's own settings (e.g. Ray's address).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
-    source = scan(images)
+    source = scan(images, follow_links)
     if isinstance(backbone, str):
         backbone = load_backbone(backbone)
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
@@ -90,6 +92,11 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     since_commit = 0
 
     with StoreWriter(store, backbone_meta(backbone)) as writer:
+        for skipped in source.skipped:  # links out of the root, unreadable folders
+            state.failed += 1
+            if not writer.failed_before(skipped.relpath, ""):
+                writer.add_failure(skipped.relpath, None, skipped.reason)
+                new_failures.append({"path": skipped.relpath, "reason": skipped.reason})
 
         def embed(batch: list) -> None:
             nonlocal since_commit
@@ -114,7 +121,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                 if progress:
                     progress(state)
         if prune:
-            gone = writer.paths() - {r.relpath for r in refs}
+            gone = writer.paths() - {r.relpath for r in refs} - {k.relpath for k in source.skipped}
             for path in sorted(gone):
                 writer.remove(path)
             state.pruned = len(gone)

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.backbones import Backbone, BackboneError, load_backbone
-from embedstore.heads import load_head
+from embedstore.backbones import Backbone
+from embedstore.backbones.reference import (BackboneRef, check_same_backbone, check_trusted,
+                                            load_referenced)
+from embedstore.headdir import MANIFEST, HeadManifest, load_head, read_manifest
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import walk_images
 from embedstore.store import open_store
-from embedstore.train import TrainingError, check_backbone, read_manifest
+
+
+class PredictError(ValueError):
+    """Nothing can be predicted as asked, with what to do about it."""
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -32,40 +37,40 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def head_backbone(manifest: dict) -> Backbone:
-    """The backbone the head was trained on, refusing one whose weights differ."""
-    expected = manifest["backbone"]
-    backbone = load_backbone(expected["name"])
-    if backbone.fingerprint != expected["fingerprint"]:
-        raise BackboneError(
-            f"backbone {expected['name']} here has fingerprint {backbone.fingerprint[:12]}, "
-            f"but the head was trained on {expected['fingerprint'][:12]}; install the same "
-            "weights or retrain the head")
-    return backbone
-
-
-def _cached_vectors(store, manifest: dict) -> tuple[dict, object]:
+def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, object]:
     """sha256 -> embedding row, for the originals (view 0) in STORE."""
     reader = open_store(store)
-    check_backbone(manifest, reader.backbone, store)
+    try:
+        check_same_backbone(manifest.backbone, BackboneRef.from_dict(reader.backbone, store),
+                            str(Path(head_dir) / MANIFEST), str(store))
+    except BaseException:
+        reader.close()
+        raise
     rows = {s: i for i, (s, v) in enumerate(zip(reader.sha256, reader.views)) if v == 0}
     return rows, reader
 
 
 def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
-            backbone: Backbone | None = None) -> list[dict]:
-    """One dict per file, in input order: path, label, probability, top_k, cached; or path, error."""
+            backbone: Backbone | str | None = None) -> list[dict]:
+    """One dict per file, in input order: path, label, probability, top_k, cached; or path, error.
+
+    backbone: a built Backbone, or the name the user gave (required for a head
+    trained on a backbone other than the default).
+    """
     manifest = read_manifest(head_dir)
     head = load_head(head_dir)
-    classes = manifest["classes"]
+    classes = manifest.classes
     files = expand_paths(paths)
     if not files:
-        raise TrainingError("no image files found in the given paths")
-    cached_rows, reader = ({}, None) if store is None else _cached_vectors(store, manifest)
-    size, crop = (manifest["backbone"]["config"]["input_size"],
-                  manifest["backbone"]["config"]["crop_fraction"])
-    resizer = Resizer(size, crop)
+        raise PredictError(f"no image files found in {', '.join(map(str, paths))}")
+    named = backbone if isinstance(backbone, str) else None
+    built = None if isinstance(backbone, str) else backbone
+    if built is None:  # refuse an untrusted backbone before reading any file
+        check_trusted(manifest.backbone, named, Path(head_dir) / MANIFEST)
+    cached_rows, reader = (({}, None) if store is None
+                           else _cached_vectors(store, manifest, head_dir))
+    resizer = Resizer(manifest.backbone.input_size, manifest.backbone.crop_fraction)
     results: list[dict] = [{} for _ in files]
     vectors: dict[int, np.ndarray] = {}
     pending: list = []
@@ -85,9 +90,10 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
                                      for j in best])
 
     def embed_pending() -> None:
-        nonlocal backbone
-        backbone = backbone or head_backbone(manifest)  # loaded only when needed
-        emb = backbone.embed(resizer.batch([it.image for it in pending]))
+        nonlocal built
+        built = built or load_referenced(manifest.backbone, named,  # loaded only when needed
+                                         Path(head_dir) / MANIFEST)
+        emb = built.embed(resizer.batch([it.image for it in pending]))
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()
         score()

@@ -1,8 +1,11 @@
-"""Finding images: a class-per-folder tree, a flat folder, or a text file of paths.
+"""Finding images: a class-per-folder tree, a flat folder, one image, or a text file of paths.
 
 Order is deterministic (sorted relative paths), hidden files and folders are
-skipped, extensions are matched case-insensitively, and directory symlinks are
-followed once (a link back up the tree is not walked again).
+skipped and extensions are matched case-insensitively. Symlinks are followed
+only while they stay inside the folder given (a link back up the tree is
+walked once); a link that leads out of it, to `/etc/passwd` or `../..`, is
+skipped and reported unless the user opts in with follow_links. Folders that
+cannot be listed are reported too, never skipped silently.
 """
 
 from __future__ import annotations
@@ -27,10 +30,17 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    relpath: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Source:
     root: str
     images: list[ImageRef]
     labelled: bool
+    skipped: tuple[Skipped, ...] = ()  # links out of the root, unreadable folders
 
     @property
     def classes(self) -> list[str]:
@@ -41,36 +51,82 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(top: str) -> list[str]:
-    """Image files below `top`, recursively, sorted; symlinked folders followed once."""
+def _inside(path: str, root_real: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def walk_images(top: str, follow_links: bool = False,
+                skipped: list[Skipped] | None = None) -> list[str]:
+    """Image files below `top`, recursively, sorted.
+
+    Symlinked folders and files are followed while they resolve inside `top`
+    (or anywhere with follow_links); what is left out is appended to `skipped`.
+    """
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+    root_real = os.path.realpath(top)
+    skipped = skipped if skipped is not None else []
+
+    def rel(path: str) -> str:
+        return Path(os.path.relpath(path, top)).as_posix()
+
+    def unreadable(err: OSError) -> None:
+        skipped.append(Skipped(rel(err.filename), "unreadable folder "
+                               f"({err.strerror or err}); fix its permissions and re-run"))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_name(f))
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            if follow_links or _inside(os.path.join(dirpath, d), root_real):
+                kept.append(d)
+            else:
+                skipped.append(Skipped(rel(os.path.join(dirpath, d)), OUTSIDE))
+        dirnames[:] = kept
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not is_image_name(f):
+                continue
+            if follow_links or _inside(path, root_real):
+                found.append(path)
+            else:
+                skipped.append(Skipped(rel(path), OUTSIDE))
     return sorted(found)
 
 
-def scan(images: str | Path) -> Source:
-    """Read IMAGES as a class tree, a flat folder (unlabelled) or a file list."""
+OUTSIDE = "symlink leads outside the images folder; skipped (use --follow-links to read it)"
+
+
+def scan(images: str | Path, follow_links: bool = False) -> Source:
+    """Read IMAGES as a class tree, a flat folder (unlabelled), one image or a file list."""
     images = str(images)
     if os.path.isfile(images):
+        if is_image_name(os.path.basename(images)):
+            root = os.path.dirname(os.path.abspath(images))
+            return Source(root, [ImageRef(os.path.basename(images), images, None)], False)
         return _scan_list(images)
     if not os.path.isdir(images):
-        raise SourceError(f"{images} does not exist; give a folder of images or a text "
-                          "file with one image path per line")
-    top_level = [e for e in os.scandir(images) if e.is_file() and is_image_name(e.name)]
+        raise SourceError(f"{images} does not exist; give a folder of images, one image, or a "
+                          "text file with one image path per line")
+    try:
+        top_level = [e for e in os.scandir(images) if e.is_file() and is_image_name(e.name)]
+    except OSError as exc:
+        raise SourceError(f"{images}: cannot list the folder ({exc.strerror or exc}); "
+                          "fix its permissions") from None
     labelled = not top_level
-    refs = []
-    for path in walk_images(images):
+    refs, skipped = [], []
+    for path in walk_images(images, follow_links, skipped):
         rel = Path(os.path.relpath(path, images)).as_posix()
         label = rel.split("/", 1)[0] if labelled else None
         refs.append(ImageRef(rel, path, label))
-    return Source(os.path.abspath(images), refs, labelled)
+    if not refs and not skipped:
+        raise SourceError(f"{images} holds no image files (looked for "
+                          f"{' '.join(sorted(IMAGE_EXTENSIONS))}, in any case, below it)")
+    return Source(os.path.abspath(images), refs, labelled, tuple(skipped))
 
 
 def _scan_list(list_file: str) -> Source:
@@ -79,8 +135,10 @@ def _scan_list(list_file: str) -> Source:
     try:
         lines = Path(list_file).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{list_file}: cannot read the file list ({exc}); give a UTF-8 "
-                          "text file with one image path per line") from None
+        raise SourceError(f"{list_file} is neither an image (by its extension: "
+                          f"{' '.join(sorted(IMAGE_EXTENSIONS))}) nor a UTF-8 file list "
+                          f"({type(exc).__name__}); give an image, a folder, or a text file "
+                          "with one image path per line") from None
     for line in lines:
         entry = line.strip()
         if not entry or entry.startswith("#"):
@@ -90,4 +148,6 @@ def _scan_list(list_file: str) -> Source:
         if rel not in seen:
             seen.add(rel)
             refs.append(ImageRef(rel, path, None))
+    if not refs:
+        raise SourceError(f"{list_file} lists no image paths; give one path per line")
     return Source(root, sorted(refs, key=lambda r: r.relpath), False)

@@ -12,8 +12,13 @@ one validation image.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from embedstore.backbones.reference import BackboneRef
+from embedstore.store import open_store
 
 
 def hash_unit(sha: str, seed: int) -> float:
@@ -49,3 +54,64 @@ def conflicting_duplicates(sha256, labels, paths, classes) -> list[dict]:
         where.setdefault(s, []).append(p)
     return [{"sha256": s, "classes": sorted(classes[y] for y in ys), "paths": sorted(set(where[s]))}
             for s, ys in seen.items() if len(ys) > 1]
+
+
+@dataclass
+class Split:
+    """A store's labelled rows, split by content hash."""
+
+    store: str
+    classes: list[str]
+    backbone: BackboneRef
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    val_paths: np.ndarray
+    rows_sha256: str
+    duplicates: list[dict]
+    seed: int
+    val_fraction: float
+
+
+class SplitError(ValueError):
+    """The store cannot be split for training as asked, with what to do about it."""
+
+
+def load_split(store: str | Path, val_fraction: float = 0.2, seed: int = 0,
+               training_rows: bool = True) -> Split:
+    """Labelled rows of STORE: every view of a training image, the originals of validation.
+
+    With training_rows=False only the validation rows are read (evaluate).
+    """
+    with open_store(store) as s:
+        labels, classes = s.labels, s.classes
+        labelled = np.flatnonzero(labels >= 0)
+        if len(labelled) == 0:
+            raise SplitError(f"{store} has no labelled rows; extract a folder with one "
+                             "subfolder per class to train a head")
+        if len(classes) < 2:
+            raise SplitError(f"{store} has {len(classes)} class ({', '.join(classes)}); "
+                             "a classifier needs at least two class folders")
+        all_paths = s.paths  # decoded once: it is read for the split and for the report
+        sha, views, paths = s.sha256[labelled], s.views[labelled], all_paths[labelled]
+        y = labels[labelled]
+        is_val = validation_mask(sha, y, val_fraction, seed)
+        train_rows = labelled[~is_val]
+        val_rows = labelled[is_val & (views == 0)]
+        for c, name in enumerate(classes):
+            if not np.any(labels[train_rows] == c):
+                raise SplitError(
+                    f"class {name!r} in {store} has no training rows "
+                    f"({int(np.sum(y == c))} images); add images or lower --val-fraction")
+        read = np.concatenate([train_rows, val_rows]) if training_rows else val_rows
+        X = s.embeddings(read)
+        n_train = len(train_rows) if training_rows else 0
+        rows_hash = hashlib.sha256()
+        for part in (sha, y.astype(np.int32), views.astype(np.int16)):
+            rows_hash.update(("\n".join(map(str, part))).encode())
+        backbone = BackboneRef.from_dict(s.backbone, store)
+        return Split(str(Path(store).resolve()), classes, backbone,
+                     X[:n_train], labels[train_rows], X[n_train:],
+                     labels[val_rows], all_paths[val_rows], rows_hash.hexdigest(),
+                     conflicting_duplicates(sha, y, paths, classes), seed, val_fraction)

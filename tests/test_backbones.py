@@ -162,3 +162,43 @@ def test_hub_savedmodel_directory(backbone, tmp_path, china_path):
     assert hub_bb.dim == 1280
     px = _pixels(backbone, china_path)
     np.testing.assert_allclose(hub_bb.embed(px), backbone.embed(px), atol=1e-4)
+
+
+def test_every_keras_application_is_known_with_its_input_size():
+    """The table of applications is checked against what Keras ships, so it cannot drift."""
+    import inspect
+
+    import keras
+
+    from embedstore.backbones import KERAS_APPLICATIONS
+
+    shipped = {name for mod in vars(keras.applications).values() if inspect.ismodule(mod)
+               for name, f in vars(mod).items()
+               if callable(f) and name[:1].isupper() and not inspect.isclass(f)}
+    assert shipped and shipped <= set(KERAS_APPLICATIONS)
+    assert KERAS_APPLICATIONS["EfficientNetB3"][0] == 300
+    assert KERAS_APPLICATIONS["NASNetLarge"][0] == 331
+
+
+def test_a_savedmodel_that_is_not_a_feature_vector_model_says_so(tmp_path):
+    import tensorflow as tf
+
+    class Tokenizer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def __call__(self, text):
+            return tf.strings.length(text)
+
+    tf.saved_model.save(Tokenizer(), str(tmp_path / "tok"))
+    with pytest.raises(BackboneError, match=r"loaded, but calling it on a \[1, 224, 224, 3\] "
+                                            r"float image batch .* failed .* feature-vector"):
+        load_backbone(f"hub:{tmp_path / 'tok'}")
+    (tmp_path / "notsaved").mkdir()
+    with pytest.raises(BackboneError, match="could not be loaded as a SavedModel"):
+        load_backbone(f"hub:{tmp_path / 'notsaved'}")
+
+
+def test_a_bad_weights_file_error_shows_its_cause(tmp_path):
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(BackboneError, match=r"from .*bad.weights.h5: .*\w+.*; without internet"):
+        load_backbone(f"keras:MobileNetV2@{bad}")

@@ -11,10 +11,13 @@ from click.testing import CliRunner
 from sklearn.base import clone
 from sklearn.datasets import make_classification
 
-from embedstore.heads import DenseHead, KNNHead, LogRegHead, load_head, save_head
-from embedstore.splits import conflicting_duplicates, validation_mask
+from embedstore.backbones import BackboneError
+from embedstore.evaluate import EvaluationError, evaluate_head
+from embedstore.headdir import HeadDirError, load_head, read_manifest
+from embedstore.heads import DenseHead, KNNHead, LogRegHead
+from embedstore.splits import SplitError, conflicting_duplicates, load_split, validation_mask
 from embedstore.store import StoreWriter
-from embedstore.train import TrainingError, evaluate_head, load_split, train
+from embedstore.train import train
 from embedstore_cli.app import cli
 
 
@@ -33,6 +36,9 @@ def blobs():
               class_weight="balanced"),
 ])
 def test_heads_follow_the_estimator_contract(head, blobs, tmp_path):
+    from embedstore.backbones.reference import BackboneRef
+    from embedstore.headdir import HeadManifest, write_head_dir
+
     X, y = blobs
     params = head.get_params()
     assert clone(head).get_params() == params  # constructor only stores
@@ -42,13 +48,19 @@ def test_heads_follow_the_estimator_contract(head, blobs, tmp_path):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert head.score(X[500:], y[500:]) > 0.8  # chance is 0.33
     assert list(head.classes_) == [0, 1, 2]
-    save_head(head, tmp_path / "h")
+    manifest = HeadManifest("", head.get_params(), ["a", "b", "c"],
+                            BackboneRef("t", "0" * 64, 32), "s.h5", {"seed": 0})
+    write_head_dir(tmp_path / "h", head, manifest, {})
     again = load_head(tmp_path / "h")
-    np.testing.assert_allclose(again.predict_proba(X[500:]), proba, atol=1e-5)
+    assert type(again) is type(head) and again.get_params() == params
+    np.testing.assert_allclose(again.predict_proba(X[500:]), proba, atol=1e-6)
 
 
-def test_logreg_folds_the_scaler_into_one_linear_layer(blobs):
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logreg_folds_the_scaler_into_one_linear_layer(blobs, n_classes):
     X, y = blobs
+    keep = y < n_classes  # two classes: sklearn keeps one logit, the export needs two
+    X, y = X[keep], y[keep]
     head = LogRegHead().fit(X, y)
     W, b = head.folded_linear()
     logits = X @ W + b
@@ -108,8 +120,10 @@ def test_train_writes_model_manifest_and_metrics(sample_store, tmp_path):
     # pretrained features separate Fashion-MNIST far above the 10% of chance
     assert written["val_accuracy"] > 0.6 and written["val_accuracy"] == metrics["val_accuracy"]
     assert {"val_macro_f1", "train_seconds"} <= set(written)
+    assert written["params"] == {**LogRegHead().get_params(), "Cs": [0.001, 0.01, 0.1, 1.0]}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["head"] == "logreg" and len(manifest["classes"]) == 10
+    assert not list(out.glob("*.joblib"))  # no pickles
     assert manifest["backbone"]["name"] == "mobilenet_v2"
     assert manifest["split"] == {"seed": 0, "val_fraction": 0.3,
                                  "method": "sha256(seed:content)"}
@@ -117,6 +131,11 @@ def test_train_writes_model_manifest_and_metrics(sample_store, tmp_path):
     assert manifest["n_train"] + manifest["n_val"] == 300
     again = train(sample_store, tmp_path / "again", head="logreg", val_fraction=0.3, seed=0)
     assert again["val_accuracy"] == metrics["val_accuracy"]  # deterministic
+    with pytest.raises(HeadDirError, match="already holds a trained head; pass --overwrite"):
+        train(sample_store, out, head="knn")
+    assert read_manifest(out).head == "logreg"  # untouched
+    train(sample_store, out, head="knn", overwrite=True)
+    assert read_manifest(out).head == "knn" and not (out / "model.keras").exists()
 
 
 def test_evaluate_on_split_and_on_another_store_with_plots(sample_store, tmp_path):
@@ -128,7 +147,8 @@ def test_evaluate_on_split_and_on_another_store_with_plots(sample_store, tmp_pat
         ["accuracy.png", "confusion_matrix.png", "loss.png"]
     assert (out / "loss.png").stat().st_size > 1000
     on_store = evaluate_head(out, sample_store, plots=False)
-    assert on_store["n"] == 300 and 0 <= on_store["top5_accuracy"] <= 1
+    # 10 classes: top-5 covers at least what top-1 does, and here strictly more
+    assert on_store["n"] == 300 and on_store["accuracy"] < on_store["top5_accuracy"] <= 1
     assert np.sum(on_store["confusion_matrix"]) == 300
     assert set(on_store["per_class"]["Bag"]) == {"precision", "recall", "f1", "support"}
 
@@ -171,9 +191,9 @@ def _store(tmp_path, labels, classes_of):
 
 
 def test_bad_training_stores_get_clear_errors(tmp_path):
-    with pytest.raises(TrainingError, match="no labelled rows"):
+    with pytest.raises(SplitError, match="no labelled rows"):
         load_split(_store(tmp_path / "u", [0] * 5, lambda x: None))
-    with pytest.raises(TrainingError, match="at least two class"):
+    with pytest.raises(SplitError, match="at least two class"):
         load_split(_store(tmp_path / "one", [0] * 5, lambda x: "a"))
     # a one-image class still gets a training image ...
     tiny = load_split(_store(tmp_path / "tiny", [0] * 5 + [1], lambda x: "ab"[x]), 0.5)
@@ -183,7 +203,7 @@ def test_bad_training_stores_get_clear_errors(tmp_path):
     with h5py.File(edited, "r+") as f:
         del f["classes"]
         f.create_dataset("classes", data=["a", "b", "c"], dtype=h5py.string_dtype())
-    with pytest.raises(TrainingError, match="class 'c' .* has no training rows"):
+    with pytest.raises(SplitError, match="class 'c' .* has no training rows"):
         load_split(edited)
 
 
@@ -191,5 +211,70 @@ def test_evaluate_refuses_a_store_from_another_backbone(sample_store, tmp_path):
     out = tmp_path / "lr"
     train(sample_store, out)
     other = _store(tmp_path, [0, 1] * 3, lambda x: "ab"[x])
-    with pytest.raises(TrainingError, match="made by backbone t"):
+    with pytest.raises(BackboneError, match="uses backbone t .* but .*manifest.json uses "
+                                            "mobilenet_v2"):
         evaluate_head(out, other)
+
+
+def test_metrics_name_top5_only_when_it_means_something(tmp_path):
+    three = _store(tmp_path, [0, 1, 2] * 10, lambda x: "abc"[x])
+    metrics = train(three, tmp_path / "h3", val_fraction=0.3)
+    assert "val_accuracy" in metrics and not any(k.startswith("val_top") for k in metrics)
+
+
+def test_val_fraction_zero_trains_and_evaluate_says_what_to_do(sample_store, tmp_path):
+    metrics = train(sample_store, tmp_path / "h", val_fraction=0.0)
+    assert metrics["n_val"] == 0 and "val_accuracy" not in metrics
+    with pytest.raises(EvaluationError, match="no validation split; give a labelled test STORE"):
+        evaluate_head(tmp_path / "h")
+    result = CliRunner().invoke(cli, ["train", str(sample_store), str(tmp_path / "c"),
+                                      "--val-fraction", "0"])
+    assert result.exit_code == 0 and "no validation split" in result.output
+
+
+@pytest.mark.parametrize("flag, value, head", [
+    ("--weights", "distnace", "knn"), ("--k", "0", "knn"), ("--head-batch-size", "big", "dense"),
+    ("--head-batch-size", "0", "dense"), ("--optimizer", "adamw", "dense"),
+    ("--C", "-1", "logreg"), ("--class-weight", "balance", "logreg"),
+    ("--early-stopping", "maybe", "dense"), ("--hidden", "64x0", "dense"),
+])
+def test_a_bad_head_option_is_reported_under_its_own_name(sample_store, tmp_path, flag, value,
+                                                          head):
+    result = CliRunner().invoke(cli, ["train", str(sample_store), str(tmp_path / "x"),
+                                      "--head", head, flag, value])
+    assert result.exit_code == 2 and f"{flag}" in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not readable JSON"),
+    (lambda d: (d / "manifest.json").write_text('{"head": "logreg"}'), "lacks params"),
+    (lambda d: (d / "state.npz").unlink(), "no state.npz"),
+    (lambda d: (d / "state.npz").write_bytes(b"garbage"), "damaged or incomplete"),
+])
+def test_damaged_head_directories_get_one_line_naming_them(sample_store, tmp_path, damage,
+                                                           message):
+    out = tmp_path / "h"
+    train(sample_store, out)
+    damage(out)
+    with pytest.raises(HeadDirError, match=message):
+        load_head(out)
+
+
+def test_a_planted_pickle_is_never_loaded(sample_store, tmp_path):
+    """embedstore <= 0.1 stored model.joblib; a head directory must not run code."""
+    import pickle
+
+    out = tmp_path / "h"
+    train(sample_store, out)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (out / "model.joblib").write_bytes(pickle.dumps(Payload()))
+    (out / "state.npz").unlink()
+    with pytest.raises(HeadDirError, match="pickle .* not loaded; retrain"):
+        load_head(out)
+    assert not marker.exists()

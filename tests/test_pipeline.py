@@ -19,26 +19,50 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_decodes_common_formats_to_rgb_uint8():
+def _mean_abs(a, b) -> float:
+    return float(np.mean(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize("fmt, kw, tolerance", [
+    ("PNG", {}, 0), ("BMP", {}, 0), ("TIFF", {}, 0), ("WEBP", {"lossless": True}, 0),
+    ("JPEG", {"quality": 95}, 2.0), ("WEBP", {"quality": 90}, 4.0), ("GIF", {}, 8.0),
+])
+def test_decodes_common_formats_to_their_pixels(fmt, kw, tolerance):
     img = photo(1)
-    for fmt in ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"]:
-        out = decode_image(_encode(img, fmt))
-        assert out.dtype == np.uint8 and out.shape == (64, 96, 3), fmt
+    out = decode_image(_encode(img, fmt, **kw))
+    assert out.dtype == np.uint8 and out.shape == (64, 96, 3)
+    if tolerance == 0:
+        assert np.array_equal(out, np.asarray(img))
+    else:  # lossy or palette formats: close to the source, far from another image
+        assert _mean_abs(out, img) <= tolerance < _mean_abs(out, photo(2))
 
 
 def test_cmyk_and_grayscale_jpeg():
-    cmyk = decode_image(_encode(photo(2).convert("CMYK"), "JPEG"))
-    gray = decode_image(_encode(photo(2).convert("L"), "JPEG"))
+    rgb = photo(2)
+    cmyk = decode_image(_encode(rgb.convert("CMYK"), "JPEG", quality=95))
+    gray = decode_image(_encode(rgb.convert("L"), "JPEG", quality=95))
     assert cmyk.shape == gray.shape == (64, 96, 3)
+    assert _mean_abs(cmyk, rgb) < 3  # back to the same colours, not inverted ones
     assert np.array_equal(gray[..., 0], gray[..., 2])
+    assert _mean_abs(gray[..., 0], rgb.convert("L")) < 2
 
 
-def test_exif_orientation_is_honoured():
-    img = photo(3)  # 96 wide, 64 high
+# what a viewer shows for each EXIF orientation, from the pixels as stored
+UPRIGHT = {3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1),
+           8: lambda a: np.rot90(a, 1), 2: lambda a: a[:, ::-1]}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_exif_orientation_turns_the_image_upright(orientation):
+    stored = np.asarray(photo(3))  # 96 wide, 64 high
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    out = decode_image(_encode(img, "JPEG", exif=exif))
-    assert out.shape == (96, 64, 3)
+    exif[0x0112] = orientation
+    out = decode_image(_encode(Image.fromarray(stored), "PNG", exif=exif))
+    want = UPRIGHT[orientation](stored)
+    assert out.shape == want.shape and np.array_equal(out, want)
+    if orientation in (6, 8):  # the other rotation would have the same shape: not it
+        wrong = UPRIGHT[14 - orientation](stored)
+        assert not np.array_equal(out, wrong)
 
 
 def test_transparency_is_composited_on_white():
@@ -47,8 +71,12 @@ def test_transparency_is_composited_on_white():
     out = decode_image(_encode(rgba, "PNG"))
     assert tuple(out[4, 4]) == (255, 255, 255) and tuple(out[0, 0]) == (0, 0, 255)
     pal = photo(4).convert("P", palette=Image.Palette.ADAPTIVE)
-    pal.info["transparency"] = 0
-    assert decode_image(_encode(pal, "PNG", transparency=0)).shape == (64, 96, 3)
+    index = np.asarray(pal)
+    out = decode_image(_encode(pal, "PNG", transparency=int(index[0, 0])))
+    clear = index == index[0, 0]
+    assert out.shape == (64, 96, 3) and (out[clear] == 255).all()
+    opaque = np.asarray(pal.convert("RGB"))[~clear]
+    assert np.array_equal(out[~clear], opaque)
 
 
 def test_sixteen_bit_png_keeps_its_range():

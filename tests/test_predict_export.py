@@ -59,10 +59,10 @@ def test_predict_walks_folders_and_writes_csv(heads):
 def test_predict_with_store_reuses_cached_vectors(heads, sample_store, tmp_path, monkeypatch):
     expected = predict_module.predict(heads / "logreg", [str(f) for f in FILES])
 
-    def no_backbone(_manifest):
+    def no_backbone(*_args):
         raise AssertionError("the backbone should not be needed")
 
-    monkeypatch.setattr(predict_module, "head_backbone", no_backbone)
+    monkeypatch.setattr(predict_module, "load_referenced", no_backbone)
     cached = predict_module.predict(heads / "logreg", [str(f) for f in FILES], store=sample_store)
     assert all(r["cached"] for r in cached)
     for a, b in zip(expected, cached):
@@ -84,6 +84,15 @@ def test_predict_refuses_a_backbone_with_other_weights(heads, tmp_path):
     assert result.exit_code != 0 and "retrain the head" in str(result.exception)
 
 
+def _full(result: dict, classes: list[str]) -> np.ndarray:
+    """predict's top_k (all classes) as one probability vector in `classes` order."""
+    out = np.full(len(classes), np.nan)
+    for t in result["top_k"]:
+        out[classes.index(t["label"])] = t["probability"]
+    assert not np.isnan(out).any()
+    return out
+
+
 @pytest.mark.parametrize("kind", ["logreg", "dense", "knn"])
 def test_savedmodel_matches_predict(kind, heads, tmp_path):
     import tensorflow as tf
@@ -97,12 +106,10 @@ def test_savedmodel_matches_predict(kind, heads, tmp_path):
         images=tf.constant([f.read_bytes() for f in FILES]))
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in FILES])
     by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))
+    want = np.stack([_full(r, classes) for r in expected])
     for out in (by_bytes, by_pixels):
-        probs = out["probabilities"].numpy()
-        for r, p, label in zip(expected, probs, out["label"].numpy()):
-            assert label.decode() == r["label"]
-            for t in r["top_k"]:
-                assert p[classes.index(t["label"])] == pytest.approx(t["probability"], abs=1e-4)
+        np.testing.assert_allclose(out["probabilities"].numpy(), want, atol=1e-4)
+        assert [x.decode() for x in out["label"].numpy()] == [r["label"] for r in expected]
 
 
 def test_savedmodel_matches_predict_on_jpeg_photos(heads, tmp_path, china_path):
@@ -123,34 +130,64 @@ def test_savedmodel_matches_predict_on_jpeg_photos(heads, tmp_path, china_path):
     out = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"](
         images=tf.constant([p.read_bytes() for p in photos]))
     classes = (tmp_path / "sm" / "labels.txt").read_text().split()
-    for r, p, label in zip(expected, out["probabilities"].numpy(), out["label"].numpy()):
-        assert label.decode() == r["label"]
-        for t in r["top_k"]:
-            assert p[classes.index(t["label"])] == pytest.approx(t["probability"], abs=1e-4)
+    np.testing.assert_allclose(out["probabilities"].numpy(),
+                               np.stack([_full(r, classes) for r in expected]), atol=1e-4)
+    assert [x.decode() for x in out["label"].numpy()] == [r["label"] for r in expected]
+
+
+def _tflite_interpreter(path):
+    """ai-edge-litert, the runtime that replaces tf.lite.Interpreter, when installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(path))
 
 
 def test_keras_and_tflite_exports_match_predict(heads, tmp_path):
     import keras
-    import tensorflow as tf
 
-    expected = np.array([r["probability"] for r in
-                         predict_module.predict(heads / "dense", [str(f) for f in FILES])])
+    classes = json.loads((heads / "dense" / "manifest.json").read_text())["classes"]
     pixels = Resizer(224, 0.875).batch([decode_image(f.read_bytes()) for f in FILES])
-    model = keras.models.load_model(export(heads / "dense", tmp_path / "m.keras", "keras"))
-    np.testing.assert_allclose(model.predict(pixels, verbose=0).max(axis=1), expected, atol=1e-4)
+    for kind in ("dense", "knn"):
+        want = np.stack([_full(r, classes) for r in predict_module.predict(
+            heads / kind, [str(f) for f in FILES], top_k=10)])
+        model = keras.models.load_model(export(heads / kind, tmp_path / f"{kind}.keras", "keras"))
+        np.testing.assert_allclose(model.predict(pixels, verbose=0), want, atol=1e-4)
 
-    interpreter = tf.lite.Interpreter(
-        model_path=str(export(heads / "logreg", tmp_path / "m", "tflite")))
-    expected = np.array([r["probability"] for r in
-                         predict_module.predict(heads / "logreg", [str(f) for f in FILES])])
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], pixels.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], pixels)
-    interpreter.invoke()
-    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(out.max(axis=1), expected, atol=1e-3)
-    assert (tmp_path / "labels.txt").read_text().split()[0] == "Ankle_boot"
+    path = export(heads / "logreg", tmp_path / "m", "tflite")
+    runner = _tflite_interpreter(path).get_signature_runner("serving_default")
+    got = runner(pixels=pixels)["probabilities"]  # named input and output
+    want = np.stack([_full(r, classes) for r in predict_module.predict(
+        heads / "logreg", [str(f) for f in FILES], top_k=10)])
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert (tmp_path / "labels.txt").read_text().split() == classes
+    spec = json.loads((tmp_path / "export.json").read_text())
+    assert spec["signatures"]["serving_default"]["inputs"].keys() == {"pixels"}
+
+
+def test_export_prints_only_its_own_line(heads, tmp_path):
+    """Keras and the TFLite converter print hundreds of lines from native code."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "embedstore", "export", str(heads / "logreg"),
+                           str(tmp_path / "m.tflite"), "--format", "tflite"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
+        f"exported tflite to {tmp_path / 'm.tflite'}"]
+    spec = json.loads((tmp_path / "export.json").read_text())
+    assert spec["format"] == "tflite"
+
+
+def test_savedmodel_export_json_describes_its_signatures(heads, tmp_path):
+    export(heads / "knn", tmp_path / "sm")
+    spec = json.loads((tmp_path / "sm" / "export.json").read_text())
+    assert set(spec["signatures"]) == {"serving_default", "predict_images"}
+    assert "encoded" in spec["signatures"]["serving_default"]["inputs"]["images"]
 
 
 def test_export_refuses_unknown_formats(heads, tmp_path):

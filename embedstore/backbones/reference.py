@@ -1,0 +1,127 @@
+"""Which backbone made a set of embeddings: one typed record, one compatibility check.
+
+Stores, head directories and exports all record the backbone as a
+`BackboneRef` (name, fingerprint, dim, config). Loading the backbone a file
+names goes through `load_referenced`, which is where the trust rule lives:
+a name read from a file (a head's manifest, a store's attributes) may name a
+TF-Hub SavedModel or a saved model directory, and loading those runs graphs
+from disk. Only the built-in default is loaded on a file's word; any other
+backbone must also be named by the user (`--backbone` on the command line).
+Needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError, load_backbone
+
+# Loaded on a file's word: built from this package's own code and a verified checkpoint.
+TRUSTED_NAMES = frozenset({"mobilenet_v2"})
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """The identity of a backbone as files record it."""
+
+    name: str  # what load_backbone() takes
+    fingerprint: str  # sha256 over weights and config
+    dim: int
+    config: dict = field(default_factory=dict)  # input size, crop fraction, preprocessing
+
+    @classmethod
+    def of(cls, backbone: Backbone) -> "BackboneRef":
+        return cls(backbone.name, backbone.fingerprint, int(backbone.dim), backbone.config())
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path) -> "BackboneRef":
+        """From a manifest's or a store's record; `where` names the file in errors."""
+        try:
+            ref = cls(str(d["name"]), str(d["fingerprint"]), int(d["dim"]), dict(d.get("config") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackboneError(f"{where}: the backbone record is incomplete or malformed "
+                                f"({type(exc).__name__}: {exc}); the file is damaged or was not "
+                                "written by embedstore") from None
+        if len(ref.fingerprint) != 64:
+            raise BackboneError(f"{where}: the backbone fingerprint {ref.fingerprint!r} is not a "
+                                "sha256; the file is damaged or was not written by embedstore")
+        return ref
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.config.get("input_size", 224))
+
+    @property
+    def crop_fraction(self) -> float:
+        return float(self.config.get("crop_fraction", 1.0))
+
+    def short(self) -> str:
+        return f"{self.name} ({self.fingerprint[:12]})"
+
+
+def check_same_backbone(expected: BackboneRef, actual: BackboneRef, expected_from: str,
+                        actual_from: str) -> None:
+    """The one compatibility check: embeddings from two backbones never mix."""
+    if expected.fingerprint != actual.fingerprint:
+        raise BackboneError(
+            f"{actual_from} uses backbone {actual.short()}, but {expected_from} uses "
+            f"{expected.short()}; embeddings of different backbones cannot be mixed: "
+            "extract the images again with the same backbone, or retrain the head")
+
+
+def canonical_name(name: str) -> str:
+    """A backbone name as `Backbone.name` spells it, to compare a user's name with a file's."""
+    if name.startswith("hub:") and os.path.exists(name[4:]):
+        return "hub:" + str(Path(name[4:]).resolve())
+    if name.startswith("keras:") and "@" in name:
+        app, _, weights = name.partition("@")
+        return f"{app}@{Path(weights).resolve()}"
+    if not name.startswith(("hub:", "keras:")) and name not in TRUSTED_NAMES and os.path.exists(name):
+        return str(Path(name).resolve())
+    return name
+
+
+def check_trusted(ref: BackboneRef, named_by_user: str | None, where: str | Path) -> None:
+    """The trust rule, without loading anything: a backbone other than the built-in
+    default is loaded only when the user named the same one (`named_by_user`)."""
+    if named_by_user is not None and canonical_name(named_by_user) != canonical_name(ref.name):
+        raise BackboneError(f"{where} was trained on backbone {ref.name}, not {named_by_user}; "
+                            f"use --backbone {ref.name}, or retrain the head")
+    if ref.name not in TRUSTED_NAMES and named_by_user is None:
+        raise BackboneError(f"{where} names backbone {ref.name}; loading a backbone other than "
+                            "mobilenet_v2 can run code from disk, so embedstore loads it only "
+                            f"when you name it yourself: add --backbone {ref.name}")
+    _precheck_saved_directory(ref, where)
+
+
+def load_referenced(ref: BackboneRef, named_by_user: str | None, where: str | Path) -> Backbone:
+    """Load the backbone `ref` (read from `where`) records, if the trust rule allows.
+
+    What can be checked before loading is checked first (the rule, a saved
+    backbone directory's recorded config and dim); the fingerprint after.
+    """
+    check_trusted(ref, named_by_user, where)
+    backbone = load_backbone(ref.name)
+    check_same_backbone(ref, BackboneRef.of(backbone), str(where), f"backbone {ref.name} here")
+    return backbone
+
+
+def _precheck_saved_directory(ref: BackboneRef, where) -> None:
+    meta_file = Path(ref.name) / SAVED_BACKBONE_FILE
+    if ref.name.startswith(("hub:", "keras:")) or not meta_file.is_file():
+        return
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{meta_file}: unreadable backbone description ({exc})") from None
+    recorded = {k: meta.get(k) for k in ("input_size", "crop_fraction", "dim")}
+    expected = {k: ref.config.get(k, ref.dim if k == "dim" else None) for k in recorded}
+    if recorded != expected:
+        raise BackboneError(f"backbone directory {ref.name} describes {recorded}, but {where} "
+                            f"recorded {expected}; it is not the backbone the head was trained on")
