@@ -1,18 +1,18 @@
-"""Extraction: model-only vs end-to-end vs the tutorials' way; memory; re-runs.
+"""Extraction: TFLite (default) vs Keras runtime, model-only vs end-to-end; memory; re-runs.
 
-    python bench/bench_extract.py [--sizes 1000,7000,70000] [--work /tmp/es-bench]
-                                  [--tutorial-max 7000] [--jpegs 1000]
+    python bench/bench_extract.py [--sizes 2000] [--jpegs 500] [--big-jpegs 100]
+                                  [--work /tmp/es-bench] [--tutorial-max 0]
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`) as PNG class folders,
-N images spread evenly over train then test; plus synthetic 500x375 and
+N images spread evenly over the 10k test split; plus synthetic 500x375 and
 3000x2000 JPEGs for decode cost. Every measurement runs in its own process
-(peak RSS from the kernel's rusage of that process). Model-only throughput is
-measured in the same run, right before and right after each end-to-end run;
-the ratio uses the faster of the two.
+(peak RSS from the kernel's rusage of that process). For each data set, in
+one run: model-only of both runtimes right before and right after the
+end-to-end runs of both runtimes; a ratio uses the faster model-only run as
+its denominator, so a noisy neighbour cannot flatter it.
 
-The tutorials' way: decode and resize every image into one float32 NumPy
-array, then `model.predict`. Above --tutorial-max it is not run: the array
-alone would need N x 224 x 224 x 3 x 4 bytes.
+The tutorials' way (with --tutorial-max N): decode and resize every image into
+one float32 NumPy array, then `model.predict`.
 """
 
 from __future__ import annotations
@@ -29,29 +29,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report, run_child, table  # noqa: E402
 
 MODEL_ONLY = """
-import json, time, numpy as np
-from embedstore.backbones import load_backbone
-bb = load_backbone("mobilenet_v2")
+import json, sys, time, numpy as np
+from embedstore.backbones.runtimes import load_for_inference
+bb = load_for_inference("mobilenet_v2", sys.argv[1])
 x = np.random.default_rng(0).uniform(0, 255, (32, 224, 224, 3)).astype(np.float32)
 bb.embed(x); bb.embed(x)
 t = time.perf_counter(); n = 0
-while time.perf_counter() - t < 20:
+while time.perf_counter() - t < float(sys.argv[2]):
     bb.embed(x); n += 32
 print(json.dumps({"images_per_second": n / (time.perf_counter() - t)}))
 """
 
+FIDELITY = """
+import json, sys, glob, numpy as np
+from embedstore.backbones.runtimes import load_for_inference
+from embedstore.pipeline import decode_image, resize_for_backbone, Resizer
+files = sorted(glob.glob(sys.argv[1] + "/*/*"))[:64]
+images = [decode_image(open(f, "rb").read(), min_side=256) for f in files]
+fast = load_for_inference("mobilenet_v2", "tflite").embed(Resizer(224, 0.875).batch(images))
+ref = load_for_inference("mobilenet_v2", "keras").embed(
+    np.stack([resize_for_backbone(i, 224, 0.875).numpy() for i in images]))
+print(json.dumps({"images": len(files), "max_abs_diff": float(np.abs(fast - ref).max())}))
+"""
+
 EXTRACT = """
 import json, sys, time
-from embedstore.backbones import load_backbone
 from embedstore.extract import extract
-import numpy as np
-bb = load_backbone("mobilenet_v2")
-bb.embed(np.zeros((1, 224, 224, 3), np.float32))  # trace once, as model-only does
 t = time.perf_counter()
-r = extract(sys.argv[1], sys.argv[2], bb)
-s = time.perf_counter() - t
-print(json.dumps({"seconds": s, "embedded": r.embedded, "unchanged": r.unchanged,
-                  "failed": r.failed, "images_per_second": r.embedded / s if s else 0}))
+r = extract(sys.argv[1], sys.argv[2], runtime=sys.argv[3])
+print(json.dumps({"seconds": r.seconds, "startup_seconds": r.startup_seconds,
+                  "embedded": r.embedded, "unchanged": r.unchanged, "failed": r.failed,
+                  "images_per_second": r.images_per_second, "stages": r.stages}))
 """
 
 TUTORIAL = """
@@ -98,77 +106,80 @@ def make_jpegs(out: Path, n: int, width: int = 500, height: int = 375) -> Path:
     return out
 
 
+def _fresh(store: Path) -> Path:
+    for p in (store, Path(f"{store}.parts"), Path(f"{store}.lock")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return store
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1000,7000,70000")
+    ap.add_argument("--sizes", default="2000", help="Fashion-MNIST tree sizes")
     ap.add_argument("--work", type=Path, default=Path("/tmp/es-bench"))
-    ap.add_argument("--tutorial-max", type=int, default=7000)
-    ap.add_argument("--jpegs", type=int, default=2000, help="500x375 JPEGs")
-    ap.add_argument("--big-jpegs", type=int, default=300, help="3000x2000 JPEGs")
+    ap.add_argument("--tutorial-max", type=int, default=0)
+    ap.add_argument("--jpegs", type=int, default=500, help="500x375 JPEGs")
+    ap.add_argument("--big-jpegs", type=int, default=100, help="3000x2000 JPEGs")
+    ap.add_argument("--model-seconds", default="12", help="length of each model-only run")
     a = ap.parse_args()
-    sizes = [int(s) for s in a.sizes.split(",")]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sizes = [int(s) for s in a.sizes.split(",") if s]
     from fashion_mnist import write_pngs
 
-    full = a.work / "fm-all"
+    full = a.work / "fm-test"  # not fm-all, which bench_heads.py wants with all 70k
     if not full.exists():
-        write_pngs(full, "train")
-        write_pngs(full, "test")
-    rows = []
-    results = {}
-    datasets = [(f"Fashion-MNIST PNG 28x28", n, make_tree(full, a.work / f"fm-{n}", n))
-                for n in sizes]
+        write_pngs(full, "test")  # 10k images: enough for the modest sizes of a shared CPU
+    datasets = [("synthetic JPEG 500x375", a.jpegs, make_jpegs(a.work / "jpeg", a.jpegs))]
     if a.big_jpegs:
-        datasets.insert(0, ("synthetic JPEG 3000x2000", a.big_jpegs,
-                            make_jpegs(a.work / "jpeg-big", a.big_jpegs, 3000, 2000)))
-    if a.jpegs:
-        datasets.insert(0, ("synthetic JPEG 500x375", a.jpegs, make_jpegs(a.work / "jpeg", a.jpegs)))
+        datasets.append(("synthetic JPEG 3000x2000", a.big_jpegs,
+                         make_jpegs(a.work / "jpeg-big", a.big_jpegs, 3000, 2000)))
+    datasets += [("Fashion-MNIST PNG 28x28", n, make_tree(full, a.work / f"fm-{n}", n))
+                 for n in sizes]
+    run_child(MODEL_ONLY, "tflite", "1")  # converts once into the cache, outside any timing
+    fidelity = run_child(FIDELITY, str(datasets[0][2]))
+    rows, stage_rows, tut_rows = [], [], []
     for label, n, tree in datasets:
-        store = a.work / f"{tree.name}.h5"
-        for p in (store, Path(f"{store}.parts"), Path(f"{store}.lock")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        # model-only right before and right after: the faster one is the (conservative)
-        # denominator, so a noisy neighbour cannot flatter the ratio
-        before = run_child(MODEL_ONLY)
-        e2e = run_child(EXTRACT, str(tree), str(store))
-        after = run_child(MODEL_ONLY)
-        model = max(before, after, key=lambda r: r["images_per_second"])
-        tut = None
+        before = {rt: run_child(MODEL_ONLY, rt, a.model_seconds) for rt in ("keras", "tflite")}
+        e2e = {rt: run_child(EXTRACT, str(tree), str(_fresh(a.work / f"{tree.name}-{rt}.h5")), rt)
+               for rt in ("keras", "tflite")}
+        after = {rt: run_child(MODEL_ONLY, rt, a.model_seconds) for rt in ("keras", "tflite")}
+        model = {rt: max(before[rt]["images_per_second"], after[rt]["images_per_second"])
+                 for rt in before}
+        fast, slow = e2e["tflite"], e2e["keras"]
+        rows.append([label, n, f"{model['keras']:.1f}", f"{model['tflite']:.1f}",
+                     f"**{model['tflite'] / model['keras']:.2f}**",
+                     f"{slow['images_per_second']:.1f}", f"{fast['images_per_second']:.1f}",
+                     f"**{fast['images_per_second'] / model['tflite']:.2f}**",
+                     f"{fast['images_per_second'] / slow['images_per_second']:.2f}",
+                     f"{slow['startup_seconds']:.1f} / {fast['startup_seconds']:.1f}",
+                     f"{slow['peak_rss_mb']:.0f} / {fast['peak_rss_mb']:.0f}"])
+        stage_rows.append([label, *(f"{fast['stages'][k]:.1f}" for k in
+                                    ("read", "hash", "decode", "resize", "infer", "write")),
+                           f"{fast['seconds']:.1f}"])
         if n <= a.tutorial_max:
             tut = run_child(TUTORIAL, str(tree))
-        results[(label, n)] = (model, e2e, tut)
-        rows.append([label, n, f"{model['images_per_second']:.1f}",
-                     f"{e2e['images_per_second']:.1f}",
-                     f"**{e2e['images_per_second'] / model['images_per_second']:.2f}**",
-                     f"{e2e['seconds']:.1f}", f"{e2e['peak_rss_mb']:.0f}",
-                     f"{tut['images_per_second']:.1f}" if tut else "not run",
-                     f"{tut['seconds']:.1f}" if tut else "-",
-                     f"{tut['peak_rss_mb']:.0f}" if tut else f"needs {n * 224 * 224 * 3 * 4 / 1e9:.0f} GB for the array"])
-        if n == max(sizes):
-            big_tree, big_store = tree, store
-    body = table(["data", "images", "model-only img/s", "end-to-end img/s",
-                  "end-to-end / model-only", "end-to-end s", "peak RSS MB",
-                  "tutorial img/s", "tutorial s", "tutorial peak RSS MB"], rows)
-    fm = [(k[1], v[1]["peak_rss_mb"]) for k, v in results.items() if k[0].startswith("Fashion")]
-    if len(fm) >= 2:
-        (n0, r0), (n1, r1) = fm[-2], fm[-1]
-        body += f"\n\nPeak RSS {n1} / {n0} images: **{r1 / r0:.2f}** ({r1:.0f} / {r0:.0f} MB)."
-
-    # incremental: unchanged re-run, then 1% new images
-    again = run_child(EXTRACT, str(big_tree), str(big_store))
-    n_new = max(1, max(sizes) // 100)
-    added = 0
-    for f in sorted(big_tree.glob("*/*.png"))[:n_new]:
-        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(f.with_name("flip-" + f.name))
-        added += 1
-    grown = run_child(EXTRACT, str(big_tree), str(big_store))
-    for f in big_tree.glob("*/flip-*.png"):
-        f.unlink()
-    body += "\n\n" + table(["re-run on the largest tree", "embedded", "unchanged", "wall s (incl. start-up)", "job s"], [
-        ["unchanged", again["embedded"], again["unchanged"], again["wall_s"], f"{again['seconds']:.1f}"],
-        [f"+{added} new images (1%)", grown["embedded"], grown["unchanged"], grown["wall_s"], f"{grown['seconds']:.1f}"],
-    ])
-    report("Extraction", body)
+            tut_rows.append([label, n, f"{tut['images_per_second']:.1f}",
+                             f"{tut['peak_rss_mb']:.0f}"])
+        last_tree, last_store = tree, a.work / f"{tree.name}-tflite.h5"
+    body = (f"Embeddings, TFLite path (NumPy/Pillow resize + TFLite) vs Keras path (TF resize + "
+            f"Keras) on {fidelity['images']} 500x375 JPEGs: max abs diff "
+            f"**{fidelity['max_abs_diff']:.1e}**.\n\n")
+    body += table(["data", "images", "model-only keras img/s", "model-only tflite img/s",
+                   "tflite / keras model-only", "end-to-end keras img/s",
+                   "end-to-end tflite img/s", "end-to-end / model-only (tflite)",
+                   "end-to-end tflite / keras", "start-up s keras / tflite",
+                   "peak RSS MB keras / tflite"], rows)
+    body += ("\n\nSeconds per stage of the tflite end-to-end runs (read..resize summed over "
+             "the decode threads, so they overlap inference and each other):\n\n")
+    body += table(["data", "read", "hash", "decode", "resize", "infer", "write", "job s"],
+                  stage_rows)
+    if tut_rows:
+        body += "\n\n" + table(["tutorial way", "images", "img/s", "peak RSS MB"], tut_rows)
+    again = run_child(EXTRACT, str(last_tree), str(last_store), "tflite")
+    body += "\n\n" + table(
+        ["unchanged re-run, tflite", "embedded", "unchanged", "wall s (process)", "start-up s",
+         "job s", "peak RSS MB"],
+        [[last_tree.name, again["embedded"], again["unchanged"], again["wall_s"],
+          again["startup_seconds"], again["seconds"], again["peak_rss_mb"]]])
+    report("Extraction on TFLite vs Keras", body)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,13 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="embedstore")
     except (click.exceptions.Abort, KeyboardInterrupt):
+        # Committed work was kept while the exception unwound (writers commit on the way
+        # out). Exit now: a half-imported TensorFlow can re-raise SIGINT at interpreter
+        # shutdown, which would turn the exit code into -2.
         click.echo(INTERRUPTED, err=True)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

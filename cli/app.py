@@ -10,6 +10,11 @@ import click
 from embedstore.engines import ENGINES
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
+RUNTIME_OPTION = click.option(
+    "--runtime", type=click.Choice(["tflite", "keras"]), default="tflite", show_default=True,
+    help="Where the backbone runs: tflite (fp32 on XNNPACK, ~2x faster, converted once and "
+         "cached; same embeddings within 1e-4) or keras (TensorFlow).")
+
 BACKBONE_HELP = ("Backbone: mobilenet_v2 (default, offline), keras:<Application>[@weights.h5], "
                  "hub:<handle-or-SavedModel-dir>, or a directory saved by embedstore.")
 
@@ -115,6 +120,7 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--follow-links", is_flag=True,
               help="Also read symlinks that lead outside IMAGES (by default they are "
                    "recorded as failures and not read).")
+@RUNTIME_OPTION
 @click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
               help="Where decoding and the model run: this process, or a Ray cluster "
                    "(needs pip install 'embedstore[ray]').")
@@ -126,10 +132,11 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--gpus-per-worker", type=click.FloatRange(0, min_open=True),
               help="ray: GPUs each model worker reserves (e.g. 1, or 0.5 to share one).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON "
+              "(counts, seconds, startup_seconds, runtime, seconds per stage).")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                prune, follow_links, engine, address, num_workers, gpus_per_worker, quiet,
-                as_json) -> None:
+                prune, follow_links, runtime, engine, address, num_workers, gpus_per_worker,
+                quiet, as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
@@ -141,24 +148,26 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     from embedstore.extract import extract
 
     bar = None
-    if not quiet and _tty():
-        from embedstore.sources import scan
-
-        bar = click.progressbar(length=len(scan(images, follow_links).images), label="extracting",
-                                file=sys.stderr, show_eta=True, show_pos=True,
-                                item_show_func=lambda s: s)
-        bar.__enter__()
 
     def on_progress(state):
+        nonlocal bar
+        if bar is None and not quiet and _tty():  # after start-up, which says what it does
+            bar = click.progressbar(length=state.total, label="extracting", file=sys.stderr,
+                                    show_eta=True, show_pos=True, item_show_func=lambda s: s)
+            bar.__enter__()
         if bar is not None:
             bar.update(state.done - bar.pos,
                        f"{state.images_per_second:.0f} img/s, {state.failed} failed")
 
+    def on_status(message: str) -> None:
+        if not quiet:
+            click.echo(message, err=True)
+
     try:
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
-                         prune=prune, progress=on_progress, follow_links=follow_links,
-                         engine=engine,
+                         prune=prune, progress=on_progress, runtime=runtime, status=on_status,
+                         follow_links=follow_links, engine=engine,
                          engine_options={"address": address, "num_workers": num_workers,
                                          "gpus_per_worker": gpus_per_worker})
     finally:
@@ -170,7 +179,8 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
         click.echo(f"{result.total} images: {result.embedded} embedded, {result.reused} reused, "
                    f"{result.unchanged} unchanged, {result.failed} failed"
                    + (f", {result.pruned} pruned" if prune else "") + " in "
-                   f"{result.seconds:.1f} s ({result.images_per_second:.0f} img/s) -> {store}",
+                   f"{result.seconds:.1f} s ({result.images_per_second:.0f} img/s, "
+                   f"{result.runtime}; start-up {result.startup_seconds:.1f} s) -> {store}",
                    err=True)
         for f in result.new_failures[:10]:
             click.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
@@ -250,7 +260,9 @@ def _class_weight(text: str):
     return None if text == "none" else text
 
 
-def _on_off(text: str) -> bool:
+def _on_off_auto(text: str):
+    if text.lower() == "auto":
+        return "auto"
     if text.lower() in ("on", "true", "yes", "1"):
         return True
     if text.lower() in ("off", "false", "no", "0"):
@@ -273,9 +285,9 @@ HEAD_FLAGS = {
     "--epochs": ("epochs", int, "most epochs"),
     "--head-batch-size": ("batch_size", _int_or_auto, "training batch size, or auto: "
                                                       "min(512, max(32, rows/100))"),
-    "--early-stopping": ("early_stopping", _on_off, "on/off: stop when the loss on a "
-                                                    "hold-out of the training rows stops "
-                                                    "improving"),
+    "--early-stopping": ("early_stopping", _on_off_auto,
+                         "on, off or auto: stop when the loss on a hold-out of the training "
+                         "rows stops improving; auto = on above 10,000 training rows"),
     "--patience": ("patience", int, "early-stopping patience in epochs"),
     "--k": ("k", int, "neighbours"),
     "--weights": ("weights", str, "neighbour votes"),
@@ -313,7 +325,7 @@ def _show_default(param: str, value) -> str:
     if param == "hidden":
         return _show_hidden(value)
     if param == "early_stopping":
-        return "on" if value else "off"
+        return value if isinstance(value, str) else ("on" if value else "off")
     return "none" if value is None else str(value)
 
 
@@ -540,8 +552,9 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="JSON list: path, label, probability, top_k, cached; or path, error.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,label,probability,top_k,error.")
+@RUNTIME_OPTION
 def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_json,
-                as_csv) -> None:
+                as_csv, runtime) -> None:
     """Predict labels for image files and folders (recursive) with the head in HEAD_DIR.
 
     Images go through the same pipeline as extraction, with the backbone the
@@ -553,7 +566,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size,
-                      backbone=backbone_name)
+                      backbone=backbone_name, runtime=runtime)
     if as_json:
         _json_out(results)
     elif as_csv:

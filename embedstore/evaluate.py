@@ -73,7 +73,14 @@ def plot_confusion_matrix(matrix, classes: list[str], path: str | Path,
 
 
 def plot_training_curves(history: dict, out_dir: str | Path) -> list[Path]:
-    """loss.png and accuracy.png, train and validation per epoch."""
+    """loss.png and accuracy.png per epoch: the training rows, and the early-stopping hold-out.
+
+    A dense head's "val_*" history is the hold-out it carves from its own
+    training rows to stop early on, not the validation split that
+    metrics.json scores; the legend and title say so.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     written = []
     for metric in ("loss", "accuracy"):
@@ -81,9 +88,13 @@ def plot_training_curves(history: dict, out_dir: str | Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         epochs = np.arange(1, len(history[metric]) + 1)
-        ax.plot(epochs, history[metric], label=f"train {metric}")
+        ax.plot(epochs, history[metric], label=f"training rows {metric}")
         if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
+            ax.plot(epochs, history[f"val_{metric}"],
+                    label=f"early-stopping hold-out {metric}")
+            ax.set_title("hold-out: rows taken from the training split, "
+                         "not the validation split in metrics.json", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend()

@@ -16,9 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.backbones import Backbone, load_backbone
+from embedstore.backbones import Backbone
+from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
 from embedstore.engines import EngineJob, get_engine
-from embedstore.pipeline import DEFAULT_MAX_PIXELS, Resizer, batched, stream
+from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
 from embedstore.store import StoreWriter
 
@@ -35,6 +36,9 @@ class Progress:
     failed: int = 0
     pruned: int = 0
     started: float = field(default_factory=time.monotonic)
+    # seconds per stage; read..resize are summed over the decode threads, so with
+    # several threads they add up to more than the wall time
+    stages: dict = field(default_factory=lambda: dict.fromkeys((*STAGES, "infer", "write"), 0.0))
 
     @property
     def seconds(self) -> float:
@@ -55,9 +59,12 @@ class ExtractResult:
     unchanged: int
     failed: int
     pruned: int
-    seconds: float
+    seconds: float  # the job's own time, after start-up
     images_per_second: float
     new_failures: list[dict]
+    startup_seconds: float = 0.0  # loading the backbone (converting it, the first time)
+    runtime: str = ""
+    stages: dict = field(default_factory=dict)  # stage -> seconds, see Progress.stages
 
 
 def backbone_meta(backbone: Backbone) -> dict:
@@ -70,23 +77,28 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
             commit_every: int = 512, workers: int | None = None, prune: bool = False,
             progress: Callable[[Progress], None] | None = None,
+            runtime: str = DEFAULT_RUNTIME, status: Callable[[str], None] | None = None,
             follow_links: bool = False, engine: str = "local",
             engine_options: dict | None = None) -> ExtractResult:
     """Embed every image under IMAGES that the store does not hold yet.
 
     With prune, rows and failures of files no longer under IMAGES are dropped.
     Symlinks leading out of IMAGES are recorded as failures unless follow_links.
+    A backbone given by name runs on `runtime` (backbones.runtimes); `status`
+    hears what start-up is doing ("loading mobilenet_v2 (tflite)...").
     `engine` says where decoding and the model run (see embedstore.engines);
     `engine_options` are that engine's own settings (e.g. Ray's address).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
+    started = time.monotonic()
     source = scan(images, follow_links)
     if isinstance(backbone, str):
-        backbone = load_backbone(backbone)
+        backbone = load_for_inference(backbone, runtime, say=status)
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     refs = source.images
+    startup = time.monotonic() - started
     state = Progress(total=len(refs))
     new_failures: list[dict] = []
     since_commit = 0
@@ -100,14 +112,23 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
 
         def embed(batch: list) -> None:
             nonlocal since_commit
+            clock = time.perf_counter()
             vectors = backbone.embed(resizer.batch([item.image for _, item in batch]))
-            writer.add(vectors, [ref.relpath for ref, _ in batch],
-                       [item.sha256 for _, item in batch], [ref.label for ref, _ in batch])
+            state.stages["infer"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            start = 0
+            while start < len(batch):  # commit exactly every commit_every rows
+                stop = min(len(batch), start + commit_every - since_commit)
+                part = batch[start:stop]
+                writer.add(vectors[start:stop], [ref.relpath for ref, _ in part],
+                           [item.sha256 for _, item in part], [ref.label for ref, _ in part])
+                since_commit += len(part)
+                if since_commit >= commit_every:
+                    writer.commit()
+                    since_commit = 0
+                start = stop
             state.embedded += len(batch)
-            since_commit += len(batch)
-            if since_commit >= commit_every:
-                writer.commit()
-                since_commit = 0
+            state.stages["write"] += time.perf_counter() - clock
 
         if run_elsewhere is not None:
             run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
@@ -125,9 +146,13 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             for path in sorted(gone):
                 writer.remove(path)
             state.pruned = len(gone)
+        closing = time.perf_counter()
+    state.stages["write"] += time.perf_counter() - closing  # the last commit and the merge
     return ExtractResult(str(store), backbone.name, state.total, state.embedded, state.reused,
                          state.unchanged, state.failed, state.pruned, round(state.seconds, 3),
-                         round(state.images_per_second, 2), new_failures)
+                         round(state.images_per_second, 2), new_failures,
+                         startup_seconds=round(startup, 3), runtime=backbone.runtime,
+                         stages={k: round(v, 3) for k, v in state.stages.items()})
 
 
 def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
@@ -136,6 +161,8 @@ def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
     for item in loaded:
         ref = refs[item.index]
         state.done += 1
+        for stage, seconds in item.seconds.items():
+            state.stages[stage] += seconds
         if item.error is None and item.image is not None:
             yield ref, item
             continue

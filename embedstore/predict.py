@@ -16,6 +16,7 @@ import numpy as np
 from embedstore.backbones import Backbone
 from embedstore.backbones.reference import (BackboneRef, check_same_backbone, check_trusted,
                                             load_referenced)
+from embedstore.backbones.runtimes import DEFAULT_RUNTIME
 from embedstore.headdir import MANIFEST, HeadManifest, load_head, read_manifest
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import walk_images
@@ -52,11 +53,13 @@ def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, obje
 
 def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
-            backbone: Backbone | str | None = None) -> list[dict]:
+            backbone: Backbone | str | None = None,
+            runtime: str = DEFAULT_RUNTIME) -> list[dict]:
     """One dict per file, in input order: path, label, probability, top_k, cached; or path, error.
 
     backbone: a built Backbone, or the name the user gave (required for a head
-    trained on a backbone other than the default).
+    trained on a backbone other than the default). runtime: where a backbone
+    loaded here runs (backbones.runtimes).
     """
     manifest = read_manifest(head_dir)
     head = load_head(head_dir)
@@ -92,7 +95,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
     def embed_pending() -> None:
         nonlocal built
         built = built or load_referenced(manifest.backbone, named,  # loaded only when needed
-                                         Path(head_dir) / MANIFEST)
+                                         Path(head_dir) / MANIFEST, runtime)
         emb = built.embed(resizer.batch([it.image for it in pending]))
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()

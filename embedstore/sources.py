@@ -91,7 +91,8 @@ def walk_images(top: str, follow_links: bool = False,
             path = os.path.join(dirpath, f)
             if not is_image_name(f):
                 continue
-            if follow_links or _inside(path, root_real):
+            # a dangling link reads nothing: it fails later as an unreadable file
+            if follow_links or not os.path.exists(path) or _inside(path, root_real):
                 found.append(path)
             else:
                 skipped.append(Skipped(rel(path), OUTSIDE))

@@ -234,7 +234,7 @@ def test_prune_drops_rows_and_failures_of_deleted_files(small_tree, tmp_path, ba
     kept = extract(small_tree, store, backbone)  # without --prune the store keeps them
     assert kept.pruned == 0 and f"Sneaker/{gone.name}" in _rows_by_path(store)
     result = CliRunner().invoke(cli, ["extract", str(small_tree), str(store), "--prune", "--json"])
-    assert result.exit_code == 0 and json.loads(result.output)["pruned"] == 2
+    assert result.exit_code == 0 and json.loads(result.stdout)["pruned"] == 2
     with open_store(store) as s:
         assert s.n_rows == 11 and f"Sneaker/{gone.name}" not in set(s.paths)
         assert s.failures() == []

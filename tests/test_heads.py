@@ -71,7 +71,8 @@ def test_logreg_folds_the_scaler_into_one_linear_layer(blobs, n_classes):
 
 def test_dense_head_keeps_history_and_stops_early(blobs):
     X, y = blobs
-    head = DenseHead(hidden=(64,), epochs=200, patience=2, learning_rate=0.01).fit(X, y)
+    head = DenseHead(hidden=(64,), epochs=200, patience=2, learning_rate=0.01,
+                     early_stopping=True).fit(X, y)
     assert head.n_epochs_ < 200
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(head.history_)
 

@@ -94,7 +94,7 @@ def test_a_file_named_backbone_is_never_loaded_without_the_user(sample_store, tm
         raise AssertionError(f"loaded {name}")
 
     monkeypatch.setattr(backbones, "load_backbone", never)
-    monkeypatch.setattr("embedstore.backbones.reference.load_backbone", never)
+    monkeypatch.setattr("embedstore.backbones.runtimes.load_backbone", never)
     image = str(sorted((SAMPLE / "Bag").glob("*.png"))[0])
     with pytest.raises(BackboneError, match="only when you name it yourself: add --backbone hub:"):
         predict(head, [image])

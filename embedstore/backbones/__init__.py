@@ -58,14 +58,17 @@ class Backbone:
     weights_source: str
     classifier: Any = None  # pixels -> ImageNet probabilities, when the weights have it
     fingerprint: str = ""
+    runtime: str = "keras"  # else model is a NumPy callable from backbones.runtimes
 
     def __post_init__(self):
-        import tensorflow as tf
+        self._embed = self.model
+        if self.runtime == "keras":
+            import tensorflow as tf
 
-        size = self.input_size
-        self._embed = tf.function(
-            lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+            size = self.input_size
+            self._embed = tf.function(
+                lambda x: self.model(x, training=False),
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
         if not self.fingerprint:
             self.fingerprint = fingerprint(self.model, self.config())
 
@@ -76,7 +79,7 @@ class Backbone:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(B, S, S, 3) float pixels in [0, 255] -> (B, dim) float32 embeddings."""
-        return self._embed(np.asarray(pixels, dtype=np.float32)).numpy()
+        return np.asarray(self._embed(np.asarray(pixels, dtype=np.float32)))
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         if self.classifier is None:

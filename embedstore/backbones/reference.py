@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError, load_backbone
+from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError
 
 # Loaded on a file's word: built from this package's own code and a verified checkpoint.
 TRUSTED_NAMES = frozenset({"mobilenet_v2"})
@@ -100,14 +100,18 @@ def check_trusted(ref: BackboneRef, named_by_user: str | None, where: str | Path
     _precheck_saved_directory(ref, where)
 
 
-def load_referenced(ref: BackboneRef, named_by_user: str | None, where: str | Path) -> Backbone:
-    """Load the backbone `ref` (read from `where`) records, if the trust rule allows.
+def load_referenced(ref: BackboneRef, named_by_user: str | None, where: str | Path,
+                    runtime: str = "keras") -> Backbone:
+    """Load the backbone `ref` (read from `where`) records, if the trust rule allows,
+    on `runtime` (backbones.runtimes: keras for export, tflite for inference).
 
     What can be checked before loading is checked first (the rule, a saved
     backbone directory's recorded config and dim); the fingerprint after.
     """
+    from embedstore.backbones.runtimes import load_for_inference
+
     check_trusted(ref, named_by_user, where)
-    backbone = load_backbone(ref.name)
+    backbone = load_for_inference(ref.name, runtime)
     check_same_backbone(ref, BackboneRef.of(backbone), str(where), f"backbone {ref.name} here")
     return backbone
 

@@ -142,7 +142,7 @@ def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | No
             Embedder, batch_size=job.batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
             num_gpus=gpus_per_worker or None, memory=ACTOR_MEMORY_BYTES,
-            fn_constructor_kwargs={"backbone_name": backbone.name,
+            fn_constructor_kwargs={"backbone_name": backbone.name, "runtime": backbone.runtime,
                                    "fingerprint": backbone.fingerprint})
         _write(job, dataset.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
     except ray.exceptions.RayError as exc:
@@ -219,14 +219,14 @@ class Embedder:
     unchanged files never loads it.
     """
 
-    def __init__(self, backbone_name: str, fingerprint: str):
-        self.backbone_name, self.fingerprint = backbone_name, fingerprint
+    def __init__(self, backbone_name: str, runtime: str, fingerprint: str):
+        self.backbone_name, self.runtime, self.fingerprint = backbone_name, runtime, fingerprint
         self.backbone = None
 
     def _build(self):
-        from embedstore.backbones import load_backbone
+        from embedstore.backbones.runtimes import load_for_inference
 
-        backbone = load_backbone(self.backbone_name)
+        backbone = load_for_inference(self.backbone_name, self.runtime)  # the driver's runtime
         if backbone.fingerprint != self.fingerprint:  # e.g. other weights on a worker node
             raise EngineError(f"backbone {self.backbone_name} on this Ray worker has "
                               f"fingerprint {backbone.fingerprint[:12]}, not the driver's "

@@ -1,0 +1,212 @@
+"""Where a frozen backbone runs for extract and predict: TFLite (default) or Keras.
+
+TensorFlow reaches ~15% of this CPU's fp32 GEMM rate on MobileNetV2; the
+same graph on TFLite's XNNPACK kernels runs ~2.2x faster with embeddings
+within 1e-5. So the Keras model is converted once with TF's own converter
+(`from_keras_model`: converting a concrete function leaves variables
+uninitialised, which gives NaN), checked against the Keras model on a probe
+batch, and cached as a .tflite file with a JSON sidecar holding the Keras
+model's fingerprint. The fingerprint is of weights + config, not of the
+runtime, so stores made by either runtime are interchangeable; and the
+sidecar lets a later run load the default backbone with no TensorFlow at all.
+
+Runtimes:
+  tflite   TFLite fp32 on XNNPACK via ai-edge-litert (tf.lite as fallback);
+           a backbone that cannot be converted runs on keras, said once
+  keras    the Keras/TensorFlow model itself
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from embedstore.backbones import Backbone, BackboneError, load_backbone
+
+RUNTIMES = ("tflite", "keras")
+DEFAULT_RUNTIME = "tflite"
+TFLITE_FORMAT = 1  # bump when the conversion changes, to invalidate cached .tflite files
+MAX_ABS_DIFF = 1e-4  # a conversion further than this from the Keras model is not used
+# XNNPACK on this 2-core CPU: batch 1 ~140 img/s, batch 4-32 ~90 (BENCHMARKS.md)
+TFLITE_BATCH = 1
+
+
+def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIME,
+                       say: Callable[[str], None] | None = None,
+                       threads: int | None = None) -> Backbone:
+    """The backbone `name` on `runtime`, for embedding only (no ImageNet classifier).
+
+    `say` gets one line about what is happening while the model loads
+    (loading, converting once, falling back to keras).
+    """
+    say = say or (lambda message: None)
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"unknown runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
+    if runtime == "keras":
+        say(f"loading {name} (keras)...")
+        return load_backbone(name)
+    if name == "mobilenet_v2":  # its cache key is known without building the model
+        path = _mobilenet_v2_tflite_path()
+        cached = _cached_backbone(path, None, threads)
+        if cached is not None:
+            say(f"loading {name} (tflite)...")
+            return cached
+    say(f"loading {name} (keras, to convert to tflite once)...")
+    keras_backbone = load_backbone(name)
+    if name != "mobilenet_v2":
+        path = _cache_dir() / "tflite" / f"{keras_backbone.fingerprint[:24]}.tflite"
+        cached = _cached_backbone(path, keras_backbone.fingerprint, threads)
+        if cached is not None:
+            return cached
+    try:
+        meta = convert_to_tflite(keras_backbone, path)
+    except ConversionError as exc:
+        say(f"{name} cannot run on tflite ({exc}); running it on keras")
+        return keras_backbone
+    return _tflite_backbone(path, meta, threads)
+
+
+class ConversionError(Exception):
+    """A backbone TFLite cannot run faithfully; the caller falls back to Keras."""
+
+
+def convert_to_tflite(backbone: Backbone, path: Path) -> dict:
+    """Convert a Keras backbone to `path` (+ sidecar), verified on a probe batch."""
+    import keras
+    import tensorflow as tf
+
+    if not isinstance(backbone.model, keras.Model):
+        raise ConversionError("not a Keras model")
+    try:
+        with _quiet():  # the converter prints a SavedModel listing and absl lines
+            flatbuffer = tf.lite.TFLiteConverter.from_keras_model(backbone.model).convert()
+    except Exception as exc:
+        raise ConversionError(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+    size = backbone.input_size
+    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    diff = float(np.max(np.abs(TFLiteRunner(flatbuffer)(probe) - backbone.embed(probe))))
+    if not diff <= MAX_ABS_DIFF:  # also catches NaN
+        raise ConversionError(f"converted model differs by {diff:.2g} from the Keras one")
+    meta = {"format": TFLITE_FORMAT, "name": backbone.name, "fingerprint": backbone.fingerprint,
+            "dim": backbone.dim, "input_size": size, "crop_fraction": backbone.crop_fraction,
+            "preprocessing": backbone.preprocessing, "weights_source": backbone.weights_source,
+            "max_abs_diff_vs_keras": diff, "tensorflow": tf.__version__}
+    _atomic_write(path, flatbuffer)
+    _atomic_write(_sidecar(path), json.dumps(meta, indent=2).encode())  # last: marks it complete
+    return meta
+
+
+class TFLiteRunner:
+    """A .tflite embedding model: (B, S, S, 3) float32 pixels -> (B, dim) float32.
+
+    Invokes one image at a time: XNNPACK is fastest at batch 1 here, and the
+    interpreter then never needs re-allocating for a short last batch.
+    """
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+        interpreter = _interpreter_class()
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        with _quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            self._interpreter = interpreter(**source, num_threads=threads or os.cpu_count() or 1)
+            inp = self._interpreter.get_input_details()[0]
+            self._input, self._output = inp["index"], self._interpreter.get_output_details()[0]["index"]
+            shape = [TFLITE_BATCH, *inp["shape"][1:]]
+            self._interpreter.resize_tensor_input(self._input, shape)
+            self._interpreter.allocate_tensors()
+        self.dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels, dtype=np.float32)
+        out = np.empty((len(pixels), self.dim), np.float32)
+        for i in range(0, len(pixels), TFLITE_BATCH):
+            self._interpreter.set_tensor(self._input, pixels[i:i + TFLITE_BATCH])
+            self._interpreter.invoke()
+            out[i:i + TFLITE_BATCH] = self._interpreter.get_tensor(self._output)
+        return out
+
+
+def _tflite_backbone(path: Path, meta: dict, threads: int | None) -> Backbone:
+    return Backbone(meta["name"], TFLiteRunner(path, threads), meta["input_size"], meta["dim"],
+                    meta["preprocessing"], crop_fraction=meta["crop_fraction"],
+                    weights_source=meta["weights_source"], fingerprint=meta["fingerprint"],
+                    runtime="tflite")
+
+
+def _interpreter_class():
+    """ai-edge-litert's Interpreter (tf.lite's is deprecated), else tf.lite's."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
+def _cache_dir() -> Path:
+    from embedstore.backbones import mobilenet_v2
+
+    return mobilenet_v2.cache_dir()
+
+
+def _mobilenet_v2_tflite_path() -> Path:
+    from embedstore.backbones import mobilenet_v2 as m
+
+    return (_cache_dir() / f"mobilenet_v2-{m.CHECKPOINT_SHA256[:12]}-port{m.PORT_VERSION}"
+                           f"-tflite{TFLITE_FORMAT}.tflite")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _cached_backbone(path: Path, fingerprint: str | None, threads: int | None) -> Backbone | None:
+    """The cached conversion at `path`, or None if missing or damaged (then it is rebuilt)."""
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+        if meta.get("format") != TFLITE_FORMAT or fingerprint not in (None, meta["fingerprint"]):
+            return None
+        return _tflite_backbone(path, meta, threads)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python and native stdout/stderr (converter and delegate chatter)."""
+    if os.environ.get("EMBEDSTORE_DEBUG"):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
