@@ -192,44 +192,100 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
 @cli.command("info")
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, images, failures, "
-              "classes, dim, backbone, ...).")
+              "classes, dim, backbone, shards, quarantined, ...).")
 @click.option("--failures", "show_failures", is_flag=True, help="Also list every failed file.")
-def info_cmd(store, as_json, show_failures) -> None:
+@click.option("--verify", "check", is_flag=True,
+              help="Also check every shard's checksum and every vector for NaN/inf; exit 1 "
+                   "naming the files and rows on failure.")
+def info_cmd(store, as_json, show_failures, check) -> None:
     """Describe STORE: rows, images, classes with counts, backbone, failures."""
-    from embedstore.store import open_store
+    from embedstore.store import open_store, verify
 
     with open_store(store) as s:
         info = s.info()
         if show_failures:
             info["failed_files"] = s.failures()
+    if check:
+        info["verify"] = verify(store)
     if as_json:
         _json_out(info)
-        return
+    else:
+        _print_info(store, info)
+    if check and not info["verify"]["ok"]:
+        sys.exit(1)
+
+
+def _print_info(store, info: dict) -> None:
     bb = info["backbone"]
     click.echo(f"store       {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, "
-               f"format v{info['format_version']})")
+               f"format v{info['format_version']}, {info['shards']} shards)")
     click.echo(f"backbone    {bb['name']} (fingerprint {bb['fingerprint'][:16]}, dim {info['dim']})")
     click.echo(f"rows        {info['rows']} ({info['images']} distinct images, "
                f"{info['unlabelled']} unlabelled)")
     click.echo(f"failures    {info['failures']}")
+    if info["dead_rows"]:
+        click.echo(f"tombstoned  {info['dead_rows']} replaced rows still on disk "
+                   f"(embedstore compact {store} reclaims them)")
     if info["pending_parts"]:
         click.echo(f"pending     {info['pending_parts']} committed parts not merged yet "
                    f"(embedstore compact {store})")
+    if info["quarantined"]:
+        click.echo(f"quarantined {len(info['quarantined'])} unreadable files moved aside: "
+                   + ", ".join(info["quarantined"]))
     click.echo(f"classes     {len(info['classes'])}")
     for name, n in info["classes"].items():
         click.echo(f"  {n:>8}  {name}")
     for f in info.get("failed_files", []):
         click.echo(f"failed: {f['path']}: {f['reason']}")
+    if "verify" in info:
+        v = info["verify"]
+        for problem in v["problems"]:
+            click.echo(f"corrupt: {problem}")
+        click.echo(f"verify      {'ok' if v['ok'] else 'FAILED'}: {v['files']} files, "
+                   f"{v['rows_checked']} vectors checked")
 
 
 @cli.command("compact")
 @click.argument("store", type=click.Path(dir_okay=False))
-def compact_cmd(store) -> None:
-    """Merge committed parts into STORE (after a crash; extract does this itself)."""
-    from embedstore.store import merge
+@click.option("--shard-rows", default=1 << 20, show_default=True, type=click.IntRange(1),
+              help="Fold shards smaller than this into shards of about this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def compact_cmd(store, shard_rows, as_json) -> None:
+    """Fold STORE's small or mostly replaced shards into big ones (never required).
 
-    changed = merge(store)
-    click.echo(f"{store}: {'merged pending parts' if changed else 'nothing to merge'}", err=True)
+    Also finishes what a killed writer left (temp files, format-1 parts) and
+    upgrades a format-1 store. Readers keep reading meanwhile.
+    """
+    from embedstore.store import compact
+
+    result = compact(store, shard_rows)
+    if as_json:
+        _json_out(result)
+    else:
+        click.echo(f"{store}: {result['shards_before']} -> {result['shards_after']} shards, "
+                   f"{result['rows_rewritten']} rows rewritten", err=True)
+
+
+@cli.command("merge")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The store to merge into (created if missing, added to if it exists).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def merge_cmd(stores, out, as_json) -> None:
+    """Combine STORES of one backbone into --out.
+
+    Each (path, content, view) row is kept once, a path with different content
+    takes the later store's; classes are matched by name; stores of different
+    backbones are refused.
+    """
+    from embedstore.store import merge_stores
+
+    result = merge_stores(stores, out)
+    if as_json:
+        _json_out(result)
+    else:
+        click.echo(f"{out}: {result['rows_added']} rows added from {result['sources']} stores, "
+                   f"{result['rows']} rows, {result['classes']} classes", err=True)
 
 
 # --- heads: train / sweep / evaluate -------------------------------------------------

@@ -66,13 +66,15 @@ class BackboneRef:
 
 
 def check_same_backbone(expected: BackboneRef, actual: BackboneRef, expected_from: str,
-                        actual_from: str) -> None:
-    """The one compatibility check: embeddings from two backbones never mix."""
+                        actual_from: str, advice: str = "extract the images again with the "
+                                                        "same backbone, or retrain the head"
+                        ) -> None:
+    """The one compatibility check (stores, heads, predict): embeddings from two
+    backbones never mix."""
     if expected.fingerprint != actual.fingerprint:
         raise BackboneError(
             f"{actual_from} uses backbone {actual.short()}, but {expected_from} uses "
-            f"{expected.short()}; embeddings of different backbones cannot be mixed: "
-            "extract the images again with the same backbone, or retrain the head")
+            f"{expected.short()}; embeddings of different backbones cannot be mixed: {advice}")
 
 
 def canonical_name(name: str) -> str:

@@ -1,0 +1,132 @@
+"""The format-2 index: the STORE file itself, small, replaced atomically on every commit.
+
+It lists the shard files (name, rows, sha256 of the file, path width), the
+tombstoned rows of each, classes, failures and the backbone; and it holds
+virtual datasets /embeddings, /paths, /sha256, /labels, /views that map
+every live row of the shards in order, so plain h5py reads the store as one
+table. Its size grows with the number of shards and tombstones, not rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedstore.store._format import atomic_h5, set_backbone_attrs, strings, write_strings
+
+SHA_WIDTH = 64
+COLUMNS = ("embeddings", "paths", "sha256", "labels", "views")
+
+
+@dataclass
+class Shard:
+    """One immutable shard file and which of its rows are no longer live."""
+
+    seq: int
+    name: str  # file name inside the store's parts directory
+    rows: int
+    sha256: str  # of the whole file, checked by `info --verify`
+    path_width: int
+    dead: set = field(default_factory=set)
+
+    @property
+    def n_live(self) -> int:
+        return self.rows - len(self.dead)
+
+    def live(self) -> np.ndarray:
+        """Local row numbers still live, increasing."""
+        rows = np.arange(self.rows, dtype=np.int64)
+        return np.setdiff1d(rows, np.fromiter(self.dead, np.int64)) if self.dead else rows
+
+
+@dataclass
+class Index:
+    parts_name: str  # the parts directory, relative to the index's directory
+    shards: list[Shard]
+    classes: list[str]
+    failures: dict  # path -> (sha256, reason)
+    absorbed_seq: int  # the last format-1 part replayed into this store
+    next_seq: int
+
+
+def read_index(f: h5py.File) -> Index:
+    g = f["shards"]
+    dead: dict[int, set] = {}
+    for seq, row in f["tombstones"][()]:
+        dead.setdefault(int(seq), set()).add(int(row))
+    shards = [Shard(int(seq), name, int(rows), sha, int(width), dead.get(int(seq), set()))
+              for seq, name, rows, sha, width in zip(g["seq"][()], strings(g["names"]),
+                                                     g["rows"][()], strings(g["sha256"]),
+                                                     g["path_width"][()])]
+    fg = f["failures"]
+    failures = {p: (s, r) for p, s, r in zip(strings(fg["paths"]), strings(fg["sha256"]),
+                                             strings(fg["reasons"]))}
+    return Index(f.attrs["parts_dir"], shards, strings(f["classes"]), failures,
+                 int(f.attrs.get("absorbed_seq", 0)), int(f.attrs.get("next_seq", 1)))
+
+
+def write_index(path: Path, backbone: dict, index: Index) -> None:
+    """Replace the index at `path` (temp + fsync + rename): the commit point."""
+    dim = int(backbone["dim"])
+    with atomic_h5(path) as f:
+        set_backbone_attrs(f, backbone)
+        f.attrs["parts_dir"] = index.parts_name
+        f.attrs["absorbed_seq"] = index.absorbed_seq
+        f.attrs["next_seq"] = index.next_seq
+        f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        g = f.create_group("shards")
+        g.create_dataset("seq", data=np.array([s.seq for s in index.shards], np.int64))
+        write_strings(g, "names", [s.name for s in index.shards])
+        g.create_dataset("rows", data=np.array([s.rows for s in index.shards], np.int64))
+        write_strings(g, "sha256", [s.sha256 for s in index.shards])
+        g.create_dataset("path_width", data=np.array([s.path_width for s in index.shards],
+                                                     np.int64))
+        tomb = [(s.seq, r) for s in index.shards for r in sorted(s.dead)]
+        f.create_dataset("tombstones", data=np.array(tomb, np.int64).reshape(-1, 2))
+        write_strings(f, "classes", index.classes)
+        for name, values in (("paths", list(index.failures)),
+                             ("sha256", [s for s, _ in index.failures.values()]),
+                             ("reasons", [r for _, r in index.failures.values()])):
+            write_strings(f, f"failures/{name}", values)
+        _write_virtual_columns(f, index, dim)
+
+
+def _write_virtual_columns(f: h5py.File, index: Index, dim: int) -> None:
+    n = sum(s.n_live for s in index.shards)
+    width = max([s.path_width for s in index.shards] + [1])
+    specs = {"embeddings": ((n, dim), np.float32, (None, dim), np.nan),
+             "paths": ((n,), f"S{width}", (None,), None),
+             "sha256": ((n,), f"S{SHA_WIDTH}", (None,), None),
+             "labels": ((n,), np.int32, (None,), -1),
+             "views": ((n,), np.int16, (None,), -1)}
+    layouts = {c: h5py.VirtualLayout(shape=shape, dtype=dtype, maxshape=maxshape)
+               for c, (shape, dtype, maxshape, _) in specs.items()}
+    start = 0
+    for s in index.shards:
+        source = f"{index.parts_name}/{s.name}"
+        runs = _runs(s.live())
+        for c, layout in layouts.items():
+            shape = (s.rows, dim) if c == "embeddings" else (s.rows,)
+            vs = h5py.VirtualSource(source, c, shape=shape)
+            at = start
+            for a, b in runs:
+                layout[at:at + b - a] = vs[a:b]
+                at += b - a
+        start += s.n_live
+    for c, layout in layouts.items():
+        fill = specs[c][3]
+        f.create_virtual_dataset(c, layout, fillvalue=fill)
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Increasing row numbers -> [start, stop) runs of consecutive rows."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]

@@ -1,0 +1,58 @@
+"""The one-writer lock: an flock on `STORE.lock`, keyed on the store's resolved path.
+
+The lock file exists only while a writer runs (or after one was killed): a
+clean release unlinks it *while still holding the flock*. A second process
+that opened the old file just before the unlink may then win the flock on an
+inode nobody else will ever see, so after locking we check that the path
+still names the inode we hold, and retry otherwise. Two writers therefore
+never both believe they hold the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from embedstore.store._format import StoreError, real_path
+
+
+def lock_path(store: str | Path) -> Path:
+    return Path(f"{real_path(store)}.lock")
+
+
+def acquire_lock(store: str | Path) -> int:
+    """Take the writer lock of STORE (non-blocking); a StoreError if another writer has it."""
+    path = lock_path(store)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"{store} is being written by another process (pid {holder}); "
+                             "wait for it to finish (readers can keep reading)") from None
+        if _names_inode(path, fd):
+            break
+        os.close(fd)  # we locked a file a releasing writer had just unlinked: try again
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def release_lock(fd: int, store: str | Path) -> None:
+    """Unlink the lock file, then drop the flock (in that order: see the module doc)."""
+    try:
+        lock_path(store).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _names_inode(path: Path, fd: int) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)

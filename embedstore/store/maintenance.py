@@ -1,0 +1,164 @@
+"""Operations over whole stores: finish, compact, merge, copy, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedstore.store import _legacy
+from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, open_h5,
+                                      parts_dir, real_path)
+from embedstore.store._index import read_index
+from embedstore.store._shard import file_sha256
+from embedstore.store.reader import StoreReader, open_store
+from embedstore.store.writer import StoreWriter
+
+COMPACT_ROWS = 1 << 20  # 5.4 GB shards of 1280-d vectors: few files even at 10^8 rows
+MERGE_COMMIT_ROWS = 65536
+
+
+def stored_backbone(path: str | Path) -> dict | None:
+    """The backbone recorded in STORE, or in a format-1 part beside it; None if neither."""
+    path = Path(path)
+    for candidate in ([path] if path.exists() else []) + _legacy.part_files(parts_dir(path)):
+        try:
+            with open_h5(candidate) as f:
+                return backbone_attrs(f)
+        except StoreError:
+            if candidate == path:
+                raise
+    return None
+
+
+def merge(path: str | Path) -> bool:
+    """Finish STORE: replay parts a killed format-1 writer left, upgrade format 1,
+    clean temp files. True if anything changed. (Format-2 commits need no merging.)"""
+    backbone = stored_backbone(path)
+    if backbone is None:
+        return False
+    with StoreWriter(path, backbone) as w:
+        return w.changed
+
+
+def compact(path: str | Path, target_rows: int = COMPACT_ROWS) -> dict:
+    """Fold small and mostly-tombstoned shards of STORE into shards of ~target_rows rows."""
+    backbone = stored_backbone(path)
+    if backbone is None:
+        raise StoreError(f"store {path} does not exist; create it with `embedstore extract`")
+    with StoreWriter(path, backbone) as w:
+        return w.compact(target_rows)
+
+
+def merge_stores(sources, out: str | Path) -> dict:
+    """Combine stores of one backbone into OUT (created or added to).
+
+    A row (path, content, view) is kept once; for a path with different content
+    in two sources the later source wins; classes are matched by name; a failure
+    is kept only for a path no source has rows for.
+    """
+    out_real = real_path(out)
+    sources = [Path(s) for s in sources]
+    readers = [open_store(s) for s in sources if real_path(s) != out_real]
+    try:
+        fingerprints = {r.backbone["fingerprint"]: r.path for r in readers}
+        if len(fingerprints) > 1:
+            (fa, pa), (fb, pb) = list(fingerprints.items())[:2]
+            raise StoreError(f"{pa} and {pb} hold embeddings of different backbones "
+                             f"(fingerprints {fa[:12]}, {fb[:12]}); merge only stores of one "
+                             "backbone")
+        if not readers:
+            raise StoreError("give at least one source store other than --out")
+        meta = {k: readers[0].backbone[k] for k in ("name", "fingerprint", "dim", "config")}
+        added = 0
+        with StoreWriter(out, meta) as w:
+            for r in readers:
+                added += _copy_into(w, r, np.arange(r.n_rows), skip_known=True)
+            for r in readers:
+                for f in r.failures():
+                    if f["path"] not in w.path_sha and not w.failed_before(f["path"], f["sha256"]):
+                        w.add_failure(f["path"], f["sha256"], f["reason"])
+        with open_store(out) as s:
+            return {"out": str(out), "sources": len(readers), "rows_added": added,
+                    "rows": s.n_rows, "failures": len(s.failures()), "classes": len(s.classes)}
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _copy_into(w: StoreWriter, r: StoreReader, rows: np.ndarray, skip_known: bool) -> int:
+    paths, sha, labels, views, classes = r.paths, r.sha256, r.labels, r.views, r.classes
+    if skip_known:
+        rows = np.array([i for i in rows if not w.has_row(paths[i], sha[i], int(views[i]))],
+                        np.int64)
+    names = np.array(classes + [""], dtype=object)[labels]  # -1 -> ""
+    since = 0
+    for a in range(0, len(rows), COPY_BLOCK_ROWS):
+        take = rows[a:a + COPY_BLOCK_ROWS]
+        w.add(r.embeddings(take), list(paths[take]), list(sha[take]), list(names[take]),
+              views[take].tolist())
+        since += len(take)
+        if since >= MERGE_COMMIT_ROWS:
+            w.commit()
+            since = 0
+    return len(rows)
+
+
+def copy_rows(source: str | Path, destination: str | Path, rows) -> int:
+    """Write a store holding only `rows` of SOURCE (same backbone, vectors copied)."""
+    with open_store(source) as r:
+        meta = {k: r.backbone[k] for k in ("name", "fingerprint", "dim", "config")}
+        with StoreWriter(destination, meta) as w:
+            return _copy_into(w, r, np.asarray(rows, dtype=np.int64), skip_known=False)
+
+
+def verify(path: str | Path, block_rows: int = 65536) -> dict:
+    """Check every shard's checksum and every vector for NaN/inf. {"ok", "problems", ...}"""
+    path = Path(path)
+    problems: list[str] = []
+    with open_h5(path) as f:
+        if int(f.attrs.get("format_version", 1)) == 1:
+            files = [(path, f, None)]
+        else:
+            index = read_index(f)
+            directory = path.resolve().parent / index.parts_name
+            files = []
+            for shard in index.shards:
+                file = directory / shard.name
+                if not file.exists():
+                    problems.append(f"{file}: missing (rows of {shard.n_live} images lost)")
+                    continue
+                if file_sha256(file) != shard.sha256:
+                    problems.append(f"{file}: checksum mismatch (the file changed on disk "
+                                    "after it was written)")
+                files.append((file, None, shard.live()))
+        rows_checked = 0
+        for file, handle, live in files:
+            try:
+                g = handle or h5py.File(file, "r")
+            except OSError as exc:
+                problems.append(f"{file}: unreadable ({exc})")
+                continue
+            try:
+                ds = g["embeddings"]
+                live = np.arange(ds.shape[0]) if live is None else live
+                bad = []
+                for a in range(0, len(live), block_rows):
+                    block = ds[int(live[a]):int(live[min(a + block_rows, len(live)) - 1]) + 1]
+                    block = block[live[a:a + block_rows] - live[a]]
+                    bad.extend((live[a:a + block_rows][~np.isfinite(block).all(axis=1)]).tolist())
+                rows_checked += len(live)
+                if bad:
+                    names = [p.decode() if isinstance(p, bytes) else p
+                             for p in g["paths"][sorted(bad)[:5]]]
+                    problems.append(f"{file}: {len(bad)} vectors with NaN or inf (rows "
+                                    f"{', '.join(map(str, bad[:5]))}: {', '.join(names)}"
+                                    f"{' ...' if len(bad) > 5 else ''})")
+            except (OSError, KeyError) as exc:
+                problems.append(f"{file}: unreadable ({exc})")
+            finally:
+                if handle is None:
+                    g.close()
+    return {"path": str(path), "ok": not problems, "problems": problems,
+            "files": len(files), "rows_checked": rows_checked}
