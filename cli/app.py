@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from embedstore.engines import ENGINES
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
 RUNTIME_OPTION = click.option(
@@ -120,11 +121,22 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
               help="Also read symlinks that lead outside IMAGES (by default they are "
                    "recorded as failures and not read).")
 @RUNTIME_OPTION
+@click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
+              help="Where decoding and the model run: this process, or a Ray cluster "
+                   "(needs pip install 'embedstore[ray]').")
+@click.option("--address", help="ray: the cluster to join, e.g. auto or HOST:6379 "
+                                "[default: start Ray on this machine].")
+@click.option("--num-workers", type=click.IntRange(1),
+              help="ray: model workers (actors) [default: one per GPU share with "
+                   "--gpus-per-worker, else half the cluster's CPUs].")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, min_open=True),
+              help="ray: GPUs each model worker reserves (e.g. 1, or 0.5 to share one).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON "
               "(counts, seconds, startup_seconds, runtime, seconds per stage).")
 def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_every, workers,
-                prune, follow_links, runtime, quiet, as_json) -> None:
+                prune, follow_links, runtime, engine, address, num_workers, gpus_per_worker,
+                quiet, as_json) -> None:
     """Embed every image under IMAGES into the HDF5 STORE.
 
     IMAGES is a folder with one subfolder per class (labels from folder
@@ -155,7 +167,9 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
         result = extract(images, store, backbone_name, batch_size=batch_size,
                          max_pixels=max_pixels, commit_every=commit_every, workers=workers,
                          prune=prune, progress=on_progress, runtime=runtime, status=on_status,
-                         follow_links=follow_links)
+                         follow_links=follow_links, engine=engine,
+                         engine_options={"address": address, "num_workers": num_workers,
+                                         "gpus_per_worker": gpus_per_worker})
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

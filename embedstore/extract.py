@@ -18,6 +18,7 @@ import numpy as np
 
 from embedstore.backbones import Backbone
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
+from embedstore.engines import EngineJob, get_engine
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
 from embedstore.store import StoreWriter
@@ -77,16 +78,20 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             commit_every: int = 512, workers: int | None = None, prune: bool = False,
             progress: Callable[[Progress], None] | None = None,
             runtime: str = DEFAULT_RUNTIME, status: Callable[[str], None] | None = None,
-            follow_links: bool = False) -> ExtractResult:
+            follow_links: bool = False, engine: str = "local",
+            engine_options: dict | None = None) -> ExtractResult:
     """Embed every image under IMAGES that the store does not hold yet.
 
     With prune, rows and failures of files no longer under IMAGES are dropped.
     Symlinks leading out of IMAGES are recorded as failures unless follow_links.
     A backbone given by name runs on `runtime` (backbones.runtimes); `status`
     hears what start-up is doing ("loading mobilenet_v2 (tflite)...").
+    `engine` says where decoding and the model run (see embedstore.engines);
+    `engine_options` are that engine's own settings (e.g. Ray's address).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
     started = time.monotonic()
     source = scan(images, follow_links)
     if isinstance(backbone, str):
@@ -125,13 +130,17 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             state.embedded += len(batch)
             state.stages["write"] += time.perf_counter() - clock
 
-        to_embed = _classify(stream([r.path for r in refs], resizer, writer.known, max_pixels,
-                                    workers), refs, writer, source.root, state, new_failures,
-                             progress)
-        for batch in batched(to_embed, batch_size):
-            embed(batch)
-            if progress:
-                progress(state)
+        if run_elsewhere is not None:
+            run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
+                                    progress, batch_size, max_pixels, commit_every))
+        else:
+            to_embed = _classify(stream([r.path for r in refs], resizer, writer.known,
+                                        max_pixels, workers), refs, writer, source.root, state,
+                                 new_failures, progress)
+            for batch in batched(to_embed, batch_size):
+                embed(batch)
+                if progress:
+                    progress(state)
         if prune:
             gone = writer.paths() - {r.relpath for r in refs} - {k.relpath for k in source.skipped}
             for path in sorted(gone):
@@ -154,22 +163,30 @@ def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
         state.done += 1
         for stage, seconds in item.seconds.items():
             state.stages[stage] += seconds
-        if item.error is not None:
-            state.failed += 1
-            if not writer.failed_before(ref.relpath, item.sha256 or ""):
-                writer.add_failure(ref.relpath, item.sha256, item.error)
-                new_failures.append({"path": ref.relpath, "reason": item.error})
-        elif item.image is None:
-            if writer.path_sha.get(ref.relpath) == item.sha256:
-                state.unchanged += 1
-            else:
-                _reuse(writer, ref, item.sha256, root)
-                state.reused += 1
-        else:
+        if item.error is None and item.image is not None:
             yield ref, item
             continue
+        record_unembedded(writer, ref, item.sha256, item.error, root, state, new_failures)
         if progress:
             progress(state)
+
+
+def record_unembedded(writer: StoreWriter, ref, sha: str | None, error: str | None, root: str,
+                      state: Progress, new_failures: list) -> None:
+    """A file that needs no model run: a failure, unchanged, or known content at a new path.
+
+    Every engine classifies through here, so all of them write the same store.
+    """
+    if error is not None:
+        state.failed += 1
+        if not writer.failed_before(ref.relpath, sha or ""):
+            writer.add_failure(ref.relpath, sha, error)
+            new_failures.append({"path": ref.relpath, "reason": error})
+    elif writer.path_sha.get(ref.relpath) == sha:
+        state.unchanged += 1
+    else:
+        _reuse(writer, ref, sha, root)
+        state.reused += 1
 
 
 def _reuse(writer: StoreWriter, ref, sha: str, root: str) -> None:

@@ -1,0 +1,261 @@
+"""Extraction on Ray Data: read, hash and decode on CPU tasks, the backbone in an actor pool.
+
+The driver (this process) keeps the store. It lists the files with
+embedstore.sources.scan, the same listing, relative paths and labels the local
+engine uses (Ray's own file listing has other rules for hidden files,
+extensions and file lists), and sends (index, absolute path) rows to Ray.
+CPU tasks read, hash, decode and resize with embedstore.pipeline.load_file;
+content the store already holds (a sorted array of known hashes, shared
+through the object store) is hashed but never decoded. An actor pool, with the
+backbone built once per actor, embeds the new pixels. The driver streams the
+results back in file order, classifies the rest with the local engine's
+record_unembedded, and commits every `commit_every` new rows: a killed run
+keeps every committed batch and the next run resumes from the store.
+
+Rows that need no model carry no pixels, so pixels and vectors travel as bytes
+(empty when absent): Arrow has no column type for "a tensor or nothing".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from embedstore.engines import EngineError, EngineJob
+from embedstore.extract import record_unembedded
+
+LOCAL_OBJECT_STORE_BYTES = 300 * 2**20  # enough for a few batches in flight on a small box
+FILES_PER_BLOCK = 64  # rows per input block: one read task; small blocks keep results streaming
+# A TensorFlow process holding the model takes ~1 GB. Reserving it stops Ray packing more
+# actors on a node than fit and, as the two stages then ask for different resources,
+# stops Ray fusing the decode tasks into the actors (which would serialise decoding
+# with inference).
+ACTOR_MEMORY_BYTES = 2**30
+
+
+def require() -> None:
+    """Raise ImportError (naming the package) when Ray Data is not installed."""
+    import ray  # noqa: F401
+    import ray.data  # noqa: F401
+
+
+def run(job: EngineJob, address: str | None = None, num_workers: int | None = None,
+        gpus_per_worker: float | None = None) -> None:
+    """Embed the job's new files on the Ray cluster at `address` (None: start one here)."""
+    import ray
+
+    if num_workers is not None and num_workers < 1:
+        raise EngineError("num_workers must be at least 1")
+    if gpus_per_worker is not None and gpus_per_worker <= 0:
+        raise EngineError("gpus_per_worker must be positive")
+    started = _connect(address)
+    try:
+        workers = num_workers or _default_pool_size(gpus_per_worker)
+        _check_resources(workers, gpus_per_worker, address)
+        _stream_into_store(job, workers, gpus_per_worker)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at `address`, or start a small local one; True if we started Ray."""
+    import ray
+
+    _quiet_logging()
+    if ray.is_initialized():  # the caller's own Ray session (a notebook, the tests)
+        return False
+    quiet = not os.environ.get("EMBEDSTORE_DEBUG")
+    settings = dict(include_dashboard=False, log_to_driver=not quiet,
+                    logging_level=logging.ERROR if quiet else logging.INFO,
+                    runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    if address is None:
+        settings.update(num_cpus=os.cpu_count() or 1,
+                        object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    try:
+        ray.init(address=address, **settings)
+    except ConnectionError as exc:
+        raise EngineError(f"cannot reach the Ray cluster at {address} ({exc}); start it with "
+                          "`ray start --head` or give its address with --address") from None
+    return True
+
+
+def _quiet_logging() -> None:
+    """Ray's own lines stay off the terminal (they are in its session logs); embedstore
+    shows the progress. EMBEDSTORE_DEBUG=1 lets them through."""
+    if os.environ.get("EMBEDSTORE_DEBUG"):
+        return
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _default_pool_size(gpus_per_worker: float | None) -> int:
+    """One actor per GPU share when asked for GPUs; else half the CPUs (the rest decode)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) // gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1)) // 2)
+
+
+def _check_resources(workers: int, gpus_per_worker: float | None, address: str | None) -> None:
+    """Refuse a pool the cluster cannot hold: Ray would wait for it forever."""
+    import ray
+
+    resources = ray.cluster_resources()
+    where = f"the Ray cluster at {address}" if address else "this machine's Ray"
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if gpus_per_worker and workers * gpus_per_worker > gpus:
+        raise EngineError(f"{where} has {gpus:g} GPUs; {workers} workers x {gpus_per_worker:g} "
+                          "GPUs do not fit: lower --num-workers or --gpus-per-worker")
+    if workers >= cpus:
+        raise EngineError(f"{where} has {cpus:g} CPUs; {workers} model workers would leave none "
+                          "for decoding: lower --num-workers")
+
+
+def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | None) -> None:
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    if not job.refs:
+        return
+    context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    context.execution_options.preserve_order = True  # results arrive in file order
+    context.enable_progress_bars = False
+    try:
+        files = pa.table({"index": np.arange(len(job.refs), dtype=np.int64),
+                          "path": [os.path.abspath(r.path) for r in job.refs]})
+        dataset = ray.data.from_arrow([files.slice(start, FILES_PER_BLOCK)
+                                       for start in range(0, len(job.refs), FILES_PER_BLOCK)])
+        backbone = job.backbone
+        dataset = dataset.map_batches(
+            load_batch, batch_size=job.batch_size, num_cpus=1,
+            fn_kwargs={"known": ray.put(known_digests(job.writer)),
+                       "input_size": backbone.input_size,
+                       "crop_fraction": backbone.crop_fraction, "max_pixels": job.max_pixels})
+        dataset = dataset.map_batches(
+            Embedder, batch_size=job.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+            num_gpus=gpus_per_worker or None, memory=ACTOR_MEMORY_BYTES,
+            fn_constructor_kwargs={"backbone_name": backbone.name, "runtime": backbone.runtime,
+                                   "fingerprint": backbone.fingerprint})
+        _write(job, dataset.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
+    except ray.exceptions.RayError as exc:
+        raise EngineError(f"the Ray job failed: {_first_line(exc)}") from None
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _write(job: EngineJob, batches) -> None:
+    """Stream results into the store on the driver, committing every commit_every new rows."""
+    writer, state = job.writer, job.state
+    since_commit = 0
+    for batch in batches:
+        refs, shas, vectors = [], [], []
+        for index, sha, error, vector in zip(batch["index"], batch["sha256"], batch["error"],
+                                             batch["vector"]):
+            ref = job.refs[int(index)]
+            state.done += 1
+            if len(vector):
+                refs.append(ref)
+                shas.append(sha)
+                vectors.append(np.frombuffer(vector, np.float32))
+            else:
+                record_unembedded(writer, ref, sha or None, error or None, job.root, state,
+                                  job.new_failures)
+        if refs:
+            writer.add(np.stack(vectors), [r.relpath for r in refs], shas,
+                       [r.label for r in refs])
+            state.embedded += len(refs)
+            since_commit += len(refs)
+            if since_commit >= job.commit_every:
+                writer.commit()
+                since_commit = 0
+        if job.progress:
+            job.progress(state)
+
+
+def known_digests(writer) -> np.ndarray:
+    """The hashes the store already holds, sorted: a compact, zero-copy shared lookup."""
+    return np.array(sorted(s for s in writer.sha_paths if writer.known(s)), dtype="S64")
+
+
+def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
+               max_pixels: int) -> dict:
+    """Ray CPU task: read, hash, and (unless known) decode and resize a batch of files."""
+    import ray
+
+    from embedstore.pipeline import Resizer, load_file
+
+    if isinstance(known, ray.ObjectRef):
+        known = ray.get(known)
+    resizer = Resizer(input_size, crop_fraction)  # the compiled resize is cached per process
+
+    def is_known(sha: str) -> bool:
+        at = np.searchsorted(known, sha.encode())
+        return bool(at < len(known) and known[at] == sha.encode())
+
+    loaded = [load_file(str(path), resizer, is_known, max_pixels, int(index))
+              for index, path in zip(batch["index"], batch["path"])]
+    new = [item for item in loaded if item.error is None and item.image is not None]
+    pixels = dict(zip((item.index for item in new),
+                      resizer.batch([item.image for item in new]) if new else []))
+    return {"index": batch["index"],
+            "sha256": _objects([item.sha256 or "" for item in loaded]),
+            "error": _objects([item.error or "" for item in loaded]),
+            "pixels": _objects([pixels[item.index].tobytes() if item.index in pixels else b""
+                                for item in loaded])}
+
+
+class Embedder:
+    """Ray actor: the backbone, built once per actor, embedding the batch's new pixels.
+
+    The model is built on the first batch with new pixels, so a re-run over
+    unchanged files never loads it.
+    """
+
+    def __init__(self, backbone_name: str, runtime: str, fingerprint: str):
+        self.backbone_name, self.runtime, self.fingerprint = backbone_name, runtime, fingerprint
+        self.backbone = None
+
+    def _build(self):
+        from embedstore.backbones.runtimes import load_for_inference
+
+        backbone = load_for_inference(self.backbone_name, self.runtime)  # the driver's runtime
+        if backbone.fingerprint != self.fingerprint:  # e.g. other weights on a worker node
+            raise EngineError(f"backbone {self.backbone_name} on this Ray worker has "
+                              f"fingerprint {backbone.fingerprint[:12]}, not the driver's "
+                              f"{self.fingerprint[:12]}; install the same weights on every node")
+        return backbone
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch.pop("pixels")
+        new = [i for i, p in enumerate(pixels) if len(p)]
+        vectors = [b""] * len(pixels)
+        if new:
+            self.backbone = self.backbone or self._build()
+            size = self.backbone.input_size
+            x = np.stack([np.frombuffer(pixels[i], np.float32).reshape(size, size, 3)
+                          for i in new])
+            for i, vector in zip(new, self.backbone.embed(x)):
+                vectors[i] = vector.tobytes()
+        batch["vector"] = _objects(vectors)
+        return batch
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    """The user-facing cause of a Ray error, without Ray's wrapping and traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return next((line for line in reversed(text) if line.strip()), type(cause).__name__)

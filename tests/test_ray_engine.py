@@ -1,0 +1,122 @@
+"""The Ray Data engine writes the same store as the local engine, resumes, and says what
+to install when Ray is missing. Ray runs here for real, on this machine (2 CPUs)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from embedstore.engines import EngineError, get_engine
+from embedstore.extract import backbone_meta, extract
+from embedstore.store import StoreWriter, open_store
+from tests.conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One small local Ray for the module; the engine joins it instead of starting its own."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+             log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(tmp_path_factory):
+    """12 real images in 3 classes, one duplicated into another class, and 3 bad files."""
+    root = tmp_path_factory.mktemp("ray") / "images"
+    for cls in ["Bag", "Sneaker", "Trouser"]:
+        (root / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE / cls).glob("*.png"))[:4]:
+            shutil.copy(p, root / cls / p.name)
+    first_bag = sorted((root / "Bag").glob("*.png"))[0]
+    shutil.copy(first_bag, root / "Trouser" / "same-as-a-bag.png")
+    (root / "Bag" / "empty.png").write_bytes(b"")
+    (root / "Sneaker" / "notes.jpg").write_text("not an image")
+    (root / "Trouser" / "cut.png").write_bytes(first_bag.read_bytes()[:60])
+    return root
+
+
+def _contents(store) -> tuple[dict, dict]:
+    """Rows keyed by (path, view) -> (sha256, label name, vector); failures by path."""
+    with open_store(store) as s:
+        classes, vectors = s.classes, s.embeddings()
+        rows = {(p, int(v)): (sha, classes[lab] if lab >= 0 else None, vectors[i])
+                for i, (p, v, sha, lab) in enumerate(zip(s.paths, s.views, s.sha256, s.labels))}
+        failures = {f["path"]: (f["sha256"], f["reason"]) for f in s.failures()}
+    return rows, failures
+
+
+def test_ray_store_equals_local_after_a_crash_and_resume(ray_session, mixed_tree, tmp_path,
+                                                         backbone):
+    local = extract(mixed_tree, tmp_path / "local.h5", backbone)
+    assert (local.embedded, local.failed) == (13, 3)
+    store = tmp_path / "ray.h5"
+
+    def crash_after_two_commits(state):
+        if state.embedded >= 8:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract(mixed_tree, store, backbone, engine="ray", batch_size=4, commit_every=4,
+                progress=crash_after_two_commits)
+    with StoreWriter(store, backbone_meta(backbone)) as writer:
+        committed = len(writer.path_sha)
+    assert 4 <= committed < 13  # the committed batches survived, the rest did not
+
+    resumed = extract(mixed_tree, store, backbone, engine="ray", batch_size=4)
+    assert resumed.unchanged == committed and resumed.failed == 3
+    assert resumed.embedded + resumed.reused == 13 - committed
+
+    local_rows, local_failures = _contents(tmp_path / "local.h5")
+    ray_rows, ray_failures = _contents(store)
+    assert ray_failures == local_failures and len(local_failures) == 3
+    assert sorted(ray_rows) == sorted(local_rows)
+    for key, (sha, label, vector) in local_rows.items():
+        assert ray_rows[key][:2] == (sha, label), key
+        np.testing.assert_allclose(ray_rows[key][2], vector, atol=1e-5, rtol=0)
+
+    again = extract(mixed_tree, store, backbone, engine="ray")
+    assert (again.embedded, again.reused, again.unchanged, again.failed) == (0, 0, 13, 3)
+    assert again.new_failures == []
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    monkeypatch.delitem(sys.modules, "embedstore.engines.ray", raising=False)
+    with pytest.raises(EngineError, match=r"pip install 'embedstore\[ray\]'"):
+        get_engine("ray")
+
+    from embedstore_cli import main
+
+    store = tmp_path / "s.h5"
+    monkeypatch.setattr(sys, "argv", ["embedstore", "extract", str(SAMPLE), str(store),
+                                      "--engine", "ray"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and "\n" not in err
+    assert err.startswith("embedstore: error: ") and "pip install 'embedstore[ray]'" in err
+    assert not store.exists()  # refused before touching the store
+
+
+def test_ray_options_are_refused_for_the_local_engine():
+    with pytest.raises(EngineError, match="address only apply"):
+        get_engine("local", {"address": "auto", "num_workers": None})
+    with pytest.raises(EngineError, match="unknown engine 'spark'"):
+        get_engine("spark")
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused(ray_session, mixed_tree, tmp_path,
+                                                   backbone):
+    store = tmp_path / "s.h5"
+    with pytest.raises(EngineError, match="has 0 GPUs"):
+        extract(mixed_tree, store, backbone, engine="ray",
+                engine_options={"gpus_per_worker": 1})
+    with pytest.raises(EngineError, match="leave none for decoding"):
+        extract(mixed_tree, store, backbone, engine="ray", engine_options={"num_workers": 2})
