@@ -96,11 +96,15 @@ def test_rebuilt_store_matches_a_fresh_extraction_with_the_tuned_backbone(tuned)
 def test_predict_and_export_work_with_the_new_head(tuned, tmp_path):
     runner = CliRunner()
     image = next((tuned["images"] / "Bag").glob("*.png"))
-    result = runner.invoke(cli, ["predict", str(tuned["out"] / "head"), str(image), "--json"])
+    head, backbone = str(tuned["out"] / "head"), str(tuned["out"] / "backbone")
+    # the tuned backbone is a model directory: loaded only when the user names it
+    refused = runner.invoke(cli, ["predict", head, str(image)])
+    assert refused.exit_code == 1 and "add --backbone" in str(refused.exception)
+    result = runner.invoke(cli, ["predict", head, str(image), "--json", "--backbone", backbone])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["label"] in {"Bag", "Sneaker", "Trouser"}
-    result = runner.invoke(cli, ["export", str(tuned["out"] / "head"), str(tmp_path / "m.keras"),
-                                 "--format", "keras"])
+    result = runner.invoke(cli, ["export", head, str(tmp_path / "m.keras"), "--format", "keras",
+                                 "--backbone", backbone])
     assert result.exit_code == 0, result.output
 
 
