@@ -138,6 +138,11 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     if isinstance(head, KNNHead):
         log("the knn head has no weights to start from: training a fresh softmax layer")
     classes = np.asarray(head.classes_)
+    import keras
+
+    # before the model and the datasets exist: their initialisers and shuffle seeds are
+    # drawn from the global seed when they are built, not when training starts
+    keras.utils.set_random_seed(manifest.seed)
     model = _training_model(top, head, len(classes), from_pixels, augment)
     fit_rows, hold_rows = _holdout(rows, train_rows, manifest.seed)
     label_of = lambda idx: {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r]))  # noqa
