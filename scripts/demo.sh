@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 $ES backbone check
 $ES extract "$SAMPLE" "$OUT/sample.h5"
 $ES info "$OUT/sample.h5"
-$ES train "$OUT/sample.h5" "$OUT/logreg" --val-fraction 0.3
+$ES train "$OUT/sample.h5" "$OUT/logreg" --val-fraction 0.3 --overwrite
 $ES evaluate "$OUT/logreg"
 $ES predict "$OUT/logreg" "$SAMPLE/Bag/test-00018.png" "$SAMPLE/Sneaker/test-00009.png" \
     "$SAMPLE/Trouser/test-00002.png" --top-k 2
