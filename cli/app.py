@@ -19,9 +19,9 @@ BACKBONE_HELP = ("Backbone: mobilenet_v2 (default, offline), keras:<Application>
                  "hub:<handle-or-SavedModel-dir>, or a directory saved by embedstore.")
 
 
-TRUST_HELP = ("The head's backbone, when it is not mobilenet_v2: a backbone named in a head "
-              "directory (a SavedModel, a saved model directory) is loaded only when you "
-              "name it here too, since loading it can run code from disk.")
+TRUST_HELP = ("The head's backbone, needed when it is a hub: SavedModel: one named in a head "
+              "directory is loaded only when you name it here too, since its graph runs "
+              "when loaded.")
 
 
 def _json_out(obj) -> None:

@@ -294,7 +294,9 @@ def _load_saved(directory: Path) -> Backbone:
 
     try:
         meta = json.loads((directory / SAVED_BACKBONE_FILE).read_text())
-        model = keras.models.load_model(directory / "backbone.keras", compile=False)
+        # safe mode: refuses Lambda layers and classes not registered by this package
+        model = keras.models.load_model(directory / "backbone.keras", compile=False,
+                                        safe_mode=True)
     except Exception as exc:
         raise BackboneError(f"{directory} is not a readable embedstore backbone "
                             f"({type(exc).__name__}); save one with Backbone.save") from None

@@ -2,12 +2,15 @@
 
 Stores, head directories and exports all record the backbone as a
 `BackboneRef` (name, fingerprint, dim, config). Loading the backbone a file
-names goes through `load_referenced`, which is where the trust rule lives:
-a name read from a file (a head's manifest, a store's attributes) may name a
-TF-Hub SavedModel or a saved model directory, and loading those runs graphs
-from disk. Only the built-in default is loaded on a file's word; any other
-backbone must also be named by the user (`--backbone` on the command line).
-Needs no TensorFlow.
+names goes through `load_referenced`, which is where the trust rule lives.
+A name read from a file (a head's manifest, a store's attributes) is loaded
+on the file's word only when loading it runs no code from disk: the built-in
+mobilenet_v2, a `keras:` application (this package's and Keras's code, with
+weights as HDF5 arrays) and an embedstore backbone directory (a `.keras`
+file, loaded in Keras safe mode, which refuses Lambda layers and unknown
+classes). A `hub:` SavedModel is a TensorFlow graph that can read and write
+files when called, so it is loaded only when the user names it as well
+(`--backbone` on the command line). Needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from pathlib import Path
 
 from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError
 
-# Loaded on a file's word: built from this package's own code and a verified checkpoint.
-TRUSTED_NAMES = frozenset({"mobilenet_v2"})
+
+def runs_code_from_disk(name: str) -> bool:
+    """Whether loading backbone `name` would execute something stored on disk: a
+    SavedModel graph. (Saved embedstore directories load in Keras safe mode.)"""
+    return name.startswith("hub:")
 
 
 @dataclass(frozen=True)
@@ -84,21 +90,21 @@ def canonical_name(name: str) -> str:
     if name.startswith("keras:") and "@" in name:
         app, _, weights = name.partition("@")
         return f"{app}@{Path(weights).resolve()}"
-    if not name.startswith(("hub:", "keras:")) and name not in TRUSTED_NAMES and os.path.exists(name):
+    if not name.startswith(("hub:", "keras:")) and os.path.exists(name):
         return str(Path(name).resolve())
     return name
 
 
 def check_trusted(ref: BackboneRef, named_by_user: str | None, where: str | Path) -> None:
-    """The trust rule, without loading anything: a backbone other than the built-in
-    default is loaded only when the user named the same one (`named_by_user`)."""
+    """The trust rule, without loading anything: a backbone whose loading runs code from
+    disk is loaded only when the user named the same one (`named_by_user`)."""
     if named_by_user is not None and canonical_name(named_by_user) != canonical_name(ref.name):
         raise BackboneError(f"{where} was trained on backbone {ref.name}, not {named_by_user}; "
                             f"use --backbone {ref.name}, or retrain the head")
-    if ref.name not in TRUSTED_NAMES and named_by_user is None:
-        raise BackboneError(f"{where} names backbone {ref.name}; loading a backbone other than "
-                            "mobilenet_v2 can run code from disk, so embedstore loads it only "
-                            f"when you name it yourself: add --backbone {ref.name}")
+    if runs_code_from_disk(ref.name) and named_by_user is None:
+        raise BackboneError(f"{where} names backbone {ref.name}; a SavedModel runs its graph "
+                            "when loaded and called, so embedstore loads it only when you name "
+                            f"it yourself: add --backbone {ref.name}")
     _precheck_saved_directory(ref, where)
 
 
