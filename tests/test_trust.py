@@ -117,3 +117,37 @@ def test_ctrl_c_during_tensorflow_start_up_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("embedstore: interrupted")
+
+
+def test_a_planted_backbone_directory_cannot_run_code(sample_store, tmp_path):
+    """A manifest may name a backbone directory; its .keras loads in safe mode, which
+    refuses a layer that points at an arbitrary Python callable."""
+    import zipfile
+
+    import keras
+
+    head = tmp_path / "head"
+    train(sample_store, head)
+    manifest = json.loads((head / "manifest.json").read_text())
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    cfg = manifest["backbone"]["config"]
+    (planted / "backbone.json").write_text(json.dumps({**cfg, "dim": manifest["backbone"]["dim"]}))
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(tmp_path / "ok.keras")
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(tmp_path / "ok.keras") as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(files["config.json"])
+    config["config"]["layers"][-1].update({"module": "os", "class_name": "system",
+                                            "registered_name": None,
+                                            "config": f"touch {marker}"})
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(planted / "backbone.keras", "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    manifest["backbone"]["name"] = str(planted)
+    (head / "manifest.json").write_text(json.dumps(manifest))
+    image = str(sorted((SAMPLE / "Bag").glob("*.png"))[0])
+    with pytest.raises(BackboneError, match="not a readable embedstore backbone"):
+        predict(head, [image])
+    assert not marker.exists()
