@@ -80,7 +80,6 @@ def heads_section(train: Path, test: Path) -> tuple[str, dict]:
 def tutorial_section(train_store: Path, images_root: Path, n: int, epochs: int,
                      dense_60k_seconds: float | None) -> str:
     import keras
-    from PIL import Image
 
     from embedstore.backbones import load_backbone
     from embedstore.pipeline import Resizer, decode_image

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path

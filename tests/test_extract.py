@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from embedstore.extract import extract
 from embedstore.store import StoreError, StoreWriter, open_store, parts_dir
