@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is impor
 
 import click  # noqa: E402
 
+from embedstore.quiet import native_output_silenced  # noqa: E402
 from embedstore_cli.app import cli  # noqa: E402
 
 INTERRUPTED = "embedstore: interrupted; committed work is kept, re-run to resume"
@@ -44,14 +45,8 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         run = spec.loader.exec_module
 
         def exec_module(module):
-            saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, 2)
+            with native_output_silenced(fds=(2,)):
                 run(module)
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                os.close(devnull)
             module.get_logger().setLevel("ERROR")  # retracing warnings and the like
 
         spec.loader.exec_module = exec_module

@@ -1,8 +1,9 @@
 """Keep native libraries' chatter off the terminal.
 
-TensorFlow's converter and Keras's exporter print from C++ and Python
-straight to the process's stdout/stderr ("Saved artifact at ...", MLIR
-warnings), ignoring every log setting; only an fd-level redirect stops them.
+TensorFlow's start-up, its converter, Keras's exporter and the TFLite delegate
+print from C++ and Python straight to the process's stdout/stderr ("Saved
+artifact at ...", absl and MLIR lines), ignoring every log setting; only an
+fd-level redirect stops them.
 """
 
 from __future__ import annotations
@@ -14,25 +15,25 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def native_output_silenced() -> Iterator[None]:
-    """fds 1 and 2 point at /dev/null inside the block (unless EMBEDSTORE_DEBUG is set)."""
+def native_output_silenced(fds: tuple[int, ...] = (1, 2)) -> Iterator[None]:
+    """`fds` (stdout and stderr by default) point at /dev/null inside the block, for
+    native code and Python alike; a no-op when EMBEDSTORE_DEBUG is set."""
     if os.environ.get("EMBEDSTORE_DEBUG"):
         yield
         return
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        with contextlib.redirect_stdout(open(os.devnull, "w")) as quiet:
-            try:
-                yield
-            finally:
-                quiet.close()
+        for fd in fds:
+            os.dup2(devnull, fd)
+        with open(os.devnull, "w") as sink, contextlib.ExitStack() as python_streams:
+            if 1 in fds:
+                python_streams.enter_context(contextlib.redirect_stdout(sink))
+            yield
     finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
         for fd in (*saved, devnull):
             os.close(fd)

@@ -18,10 +18,8 @@ Runtimes:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from embedstore.backbones import Backbone, BackboneError, load_backbone
+from embedstore.quiet import native_output_silenced
 
 RUNTIMES = ("tflite", "keras")
 DEFAULT_RUNTIME = "tflite"
@@ -85,7 +84,7 @@ def convert_to_tflite(backbone: Backbone, path: Path) -> dict:
     if not isinstance(backbone.model, keras.Model):
         raise ConversionError("not a Keras model")
     try:
-        with _quiet():  # the converter prints a SavedModel listing and absl lines
+        with native_output_silenced():  # the converter prints a SavedModel listing and absl lines
             flatbuffer = tf.lite.TFLiteConverter.from_keras_model(backbone.model).convert()
     except Exception as exc:
         raise ConversionError(f"{type(exc).__name__}: {str(exc)[:100]}") from None
@@ -113,7 +112,7 @@ class TFLiteRunner:
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
         interpreter = _interpreter_class()
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        with _quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        with native_output_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             self._interpreter = interpreter(**source, num_threads=threads or os.cpu_count() or 1)
             inp = self._interpreter.get_input_details()[0]
             self._input, self._output = inp["index"], self._interpreter.get_output_details()[0]["index"]
@@ -188,25 +187,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence Python and native stdout/stderr (converter and delegate chatter)."""
-    if os.environ.get("EMBEDSTORE_DEBUG"):
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
