@@ -92,8 +92,8 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
              backbone_name: str | None = None) -> dict:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report.
 
-    backbone_name: the head's backbone as the user names it (required for one
-    other than mobilenet_v2, see backbones.reference).
+    backbone_name: the head's backbone as the user names it (required for a
+    hub: SavedModel, see backbones.reference).
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)

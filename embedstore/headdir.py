@@ -265,8 +265,8 @@ def load_head(head_dir: str | Path) -> EmbeddingHead:
 
 
 def load_head_backbone(head_dir: str | Path, named_by_user: str | None = None) -> Backbone:
-    """The backbone the head in HEAD_DIR was trained on. A backbone other than the
-    default is loaded only when the user names it too (see backbones.reference)."""
+    """The backbone the head in HEAD_DIR was trained on, as a Keras model. A hub:
+    SavedModel is loaded only when the user names it too (see backbones.reference)."""
     manifest = read_manifest(head_dir)
     return load_referenced(manifest.backbone, named_by_user, Path(head_dir) / MANIFEST)
 

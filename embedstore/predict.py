@@ -58,7 +58,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
     """One dict per file, in input order: path, label, probability, top_k, cached; or path, error.
 
     backbone: a built Backbone, or the name the user gave (required for a head
-    trained on a backbone other than the default). runtime: where a backbone
+    trained on a hub: SavedModel, see backbones.reference). runtime: where a backbone
     loaded here runs (backbones.runtimes).
     """
     manifest = read_manifest(head_dir)

@@ -51,6 +51,9 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+OUTSIDE = "symlink leads outside the images folder; skipped (use --follow-links to read it)"
+
+
 def _inside(path: str, root_real: str) -> bool:
     real = os.path.realpath(path)
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
@@ -97,9 +100,6 @@ def walk_images(top: str, follow_links: bool = False,
             else:
                 skipped.append(Skipped(rel(path), OUTSIDE))
     return sorted(found)
-
-
-OUTSIDE = "symlink leads outside the images folder; skipped (use --follow-links to read it)"
 
 
 def scan(images: str | Path, follow_links: bool = False) -> Source:
