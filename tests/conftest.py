@@ -30,6 +30,25 @@ def backbone():
 
 
 @pytest.fixture(scope="session")
+def hub_savedmodel(backbone, tmp_path_factory) -> Path:
+    """The real backbone as a TF-Hub style feature-vector SavedModel ([0, 1] pixels in)."""
+    import tensorflow as tf
+
+    model = backbone.model
+
+    class FeatureVector(tf.Module):  # not a Keras model
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+        def __call__(self, images):
+            return model(images * 255.0, training=False)
+
+    module = FeatureVector()
+    module.model_vars = model.variables
+    path = tmp_path_factory.mktemp("hub") / "hubmodel"
+    tf.saved_model.save(module, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def china_path() -> str:
     import sklearn.datasets
 

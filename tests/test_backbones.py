@@ -143,21 +143,9 @@ def test_keras_application_with_local_weights(tmp_path, china_path):
         load_backbone("keras:NoSuchNet")
 
 
-def test_hub_savedmodel_directory(backbone, tmp_path, china_path):
+def test_hub_savedmodel_directory(backbone, hub_savedmodel, china_path):
     """A TF-Hub style feature-vector SavedModel ([0, 1] pixels in) loads offline."""
-    import tensorflow as tf
-
-    model = backbone.model
-
-    class FeatureVector(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
-        def __call__(self, images):
-            return model(images * 255.0, training=False)
-
-    module = FeatureVector()
-    module.model_vars = model.variables
-    tf.saved_model.save(module, str(tmp_path / "hubmodel"))
-    hub_bb = load_backbone(f"hub:{tmp_path / 'hubmodel'}")
+    hub_bb = load_backbone(f"hub:{hub_savedmodel}")
     assert hub_bb.dim == 1280
     px = _pixels(backbone, china_path)
     np.testing.assert_allclose(hub_bb.embed(px), backbone.embed(px), atol=1e-4)

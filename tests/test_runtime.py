@@ -78,21 +78,9 @@ def test_the_cached_conversion_is_reused(tflite_backbone, monkeypatch):
     assert again.fingerprint == tflite_backbone.fingerprint
 
 
-def test_a_backbone_that_cannot_be_converted_runs_on_keras_and_says_so(backbone, tmp_path):
-    import tensorflow as tf
-
-    model = backbone.model
-
-    class FeatureVector(tf.Module):  # a TF-Hub style SavedModel: not a Keras model
-        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
-        def __call__(self, images):
-            return model(images * 255.0, training=False)
-
-    module = FeatureVector()
-    module.model_vars = model.variables
-    tf.saved_model.save(module, str(tmp_path / "hubmodel"))
+def test_a_backbone_that_cannot_be_converted_runs_on_keras_and_says_so(hub_savedmodel):
     said: list[str] = []
-    bb = load_for_inference(f"hub:{tmp_path / 'hubmodel'}", say=said.append)
+    bb = load_for_inference(f"hub:{hub_savedmodel}", say=said.append)
     assert bb.runtime == "keras" and bb.dim == 1280
     assert len(said) == 2 and said[1].endswith(
         "cannot run on tflite (not a Keras model); running it on keras")
