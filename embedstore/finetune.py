@@ -176,13 +176,9 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     timings["rebuild_seconds"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
-    new_head = out / "head"
-    tmp_head = out / ".head.tmp"
-    shutil.rmtree(tmp_head, ignore_errors=True)
-    after = train(new_store, tmp_head, head=manifest.head, val_fraction=manifest.val_fraction,
-                  seed=manifest.seed, **manifest.params)
-    shutil.rmtree(new_head, ignore_errors=True)
-    os.replace(tmp_head, new_head)
+    # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
+    after = train(new_store, out / "head", head=manifest.head, val_fraction=manifest.val_fraction,
+                  seed=manifest.seed, overwrite=True, **manifest.params)
     timings["head_seconds"] = round(time.perf_counter() - start, 2)
 
     report = {
