@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +35,6 @@ RUNTIMES = ("tflite", "keras")
 DEFAULT_RUNTIME = "tflite"
 TFLITE_FORMAT = 1  # bump when the conversion changes, to invalidate cached .tflite files
 MAX_ABS_DIFF = 1e-4  # a conversion further than this from the Keras model is not used
-# XNNPACK on this 2-core CPU: batch 1 ~140 img/s, batch 4-32 ~90 (BENCHMARKS.md)
-TFLITE_BATCH = 1
 
 
 def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIME,
@@ -105,30 +105,63 @@ def convert_to_tflite(backbone: Backbone, path: Path) -> dict:
 class TFLiteRunner:
     """A .tflite embedding model: (B, S, S, 3) float32 pixels -> (B, dim) float32.
 
-    Invokes one image at a time: XNNPACK is fastest at batch 1 here, and the
-    interpreter then never needs re-allocating for a short last batch.
+    One single-threaded interpreter per core, each fed one image per invoke,
+    a batch split between them: on this 2-core CPU two 1-thread interpreters
+    embed ~430 img/s where one 2-thread interpreter manages ~350 (XNNPACK's
+    threads wait for each other on every layer) and batches above 1 are
+    slower still (BENCHMARKS.md). `invoke` releases the GIL, so plain threads
+    run the interpreters in parallel; each interpreter is only ever used by
+    one call at a time.
     """
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
-        interpreter = _interpreter_class()
-        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        with native_output_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            self._interpreter = interpreter(**source, num_threads=threads or os.cpu_count() or 1)
-            inp = self._interpreter.get_input_details()[0]
-            self._input, self._output = inp["index"], self._interpreter.get_output_details()[0]["index"]
-            shape = [TFLITE_BATCH, *inp["shape"][1:]]
-            self._interpreter.resize_tensor_input(self._input, shape)
-            self._interpreter.allocate_tensors()
-        self.dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
+        self._interpreters = [_Interpreter(model) for _ in range(threads or os.cpu_count() or 1)]
+        self.dim = self._interpreters[0].dim
+        self._pool = ThreadPoolExecutor(len(self._interpreters), thread_name_prefix="tflite")
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for interpreter in self._interpreters:
+            self._free.put(interpreter)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
         out = np.empty((len(pixels), self.dim), np.float32)
-        for i in range(0, len(pixels), TFLITE_BATCH):
-            self._interpreter.set_tensor(self._input, pixels[i:i + TFLITE_BATCH])
-            self._interpreter.invoke()
-            out[i:i + TFLITE_BATCH] = self._interpreter.get_tensor(self._output)
+        parts = [p for p in np.array_split(np.arange(len(pixels)), len(self._interpreters))
+                 if len(p)]
+        if len(parts) == 1:  # no hand-off for a single image
+            self._run(pixels, out)
+        else:
+            for done in [self._pool.submit(self._run, pixels[p[0]:p[-1] + 1], out[p[0]:p[-1] + 1])
+                         for p in parts]:
+                done.result()
         return out
+
+    def _run(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        interpreter = self._free.get()  # several callers (decode threads, Ray) may share us
+        try:
+            for i in range(len(pixels)):
+                out[i] = interpreter(pixels[i:i + 1])
+        finally:
+            self._free.put(interpreter)
+
+
+class _Interpreter:
+    """One single-threaded interpreter, batch 1 (never re-allocated for a short batch)."""
+
+    def __init__(self, model: str | Path | bytes):
+        interpreter = _interpreter_class()
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        with native_output_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            self._interpreter = interpreter(**source, num_threads=1)
+            inp = self._interpreter.get_input_details()[0]
+            self._input, self._output = inp["index"], self._interpreter.get_output_details()[0]["index"]
+            self._interpreter.resize_tensor_input(self._input, [1, *inp["shape"][1:]])
+            self._interpreter.allocate_tensors()
+        self.dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
+
+    def __call__(self, pixel: np.ndarray) -> np.ndarray:
+        self._interpreter.set_tensor(self._input, pixel)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output)[0]
 
 
 def _tflite_backbone(path: Path, meta: dict, threads: int | None) -> Backbone:
