@@ -94,6 +94,10 @@ def build_model(head_dir: str | Path, backbone=None,
     """One Keras model: resized pixels in [0, 255] -> class probabilities."""
     manifest = read_manifest(head_dir)
     backbone = backbone or load_head_backbone(head_dir, backbone_name)
+    if backbone.runtime == "int8":
+        raise ExportError(
+            f"backbone {backbone.name} is an int8 OpenVINO model, and export composes Keras "
+            "layers; export a head trained on a fp32 store (extract without --runtime int8)")
     if not isinstance(backbone.model, keras.Model):
         raise ExportError(
             f"backbone {backbone.name} is a TF-Hub SavedModel, not a Keras model, and export "

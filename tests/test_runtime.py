@@ -87,7 +87,7 @@ def test_a_backbone_that_cannot_be_converted_runs_on_keras_and_says_so(hub_saved
 
 
 def test_unknown_runtime_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown runtime 'gpu'; use one of: tflite, keras"):
+    with pytest.raises(ValueError, match="unknown runtime 'gpu'; use one of: tflite, keras, int8"):
         load_for_inference("mobilenet_v2", "gpu")
 
 

@@ -11,7 +11,8 @@ Names:
   keras:<Application>   any keras.applications model (all 38), e.g. keras:ResNet50;
                         keras:<Application>@<file.weights.h5> for local weights
   hub:<handle-or-dir>   a TF-Hub image feature-vector model or SavedModel dir
-  <directory>           a backbone saved by embedstore (Backbone.save)
+  <directory>           a backbone saved by embedstore (Backbone.save), or an int8
+                        one made by `extract --runtime int8` (backbones.int8)
 """
 
 from __future__ import annotations
@@ -288,6 +289,10 @@ def _load_hub(handle: str, input_size: int = 224) -> Backbone:
 # --- embedstore's own saved backbones ------------------------------------------------
 
 def _load_saved(directory: Path) -> Backbone:
+    from embedstore.backbones import int8
+
+    if int8.is_int8_dir(directory):
+        return int8.load(directory)
     import keras
 
     from embedstore.backbones import layers  # noqa: F401  registers Preprocess

@@ -14,6 +14,9 @@ Runtimes:
   tflite   TFLite fp32 on XNNPACK via ai-edge-litert (tf.lite as fallback);
            a backbone that cannot be converted runs on keras, said once
   keras    the Keras/TensorFlow model itself
+  int8     OpenVINO int8 (backbones.int8): a quantized backbone directory
+           always runs there; quantizing one needs calibration images, which
+           `extract --runtime int8` takes from the images it embeds
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.backbones import Backbone, BackboneError, load_backbone
+from embedstore.backbones import Backbone, BackboneError, int8, load_backbone
 from embedstore.quiet import native_output_silenced
 
-RUNTIMES = ("tflite", "keras")
+RUNTIMES = ("tflite", "keras", "int8")
 DEFAULT_RUNTIME = "tflite"
 TFLITE_FORMAT = 1  # bump when the conversion changes, to invalidate cached .tflite files
 MAX_ABS_DIFF = 1e-4  # a conversion further than this from the Keras model is not used
@@ -48,6 +51,13 @@ def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIM
     say = say or (lambda message: None)
     if runtime not in RUNTIMES:
         raise BackboneError(f"unknown runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
+    if int8.is_int8_dir(name):  # quantized: it runs on OpenVINO whatever the runtime asked
+        say(f"loading {name} (openvino int8)...")
+        return int8.load(name)
+    if runtime == "int8":
+        raise BackboneError(f"{name} is not an int8 backbone; `extract --runtime int8` makes "
+                            "one calibrated on the images it embeds, then give its directory "
+                            "(STORE.int8) as --backbone")
     if runtime == "keras":
         say(f"loading {name} (keras)...")
         return load_backbone(name)
@@ -115,6 +125,7 @@ class TFLiteRunner:
     """
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
+        self.path = None if isinstance(model, bytes) else Path(model)  # what int8 quantizes
         self._interpreters = [_Interpreter(model) for _ in range(threads or os.cpu_count() or 1)]
         self.dim = self._interpreters[0].dim
         self._pool = ThreadPoolExecutor(len(self._interpreters), thread_name_prefix="tflite")
