@@ -186,7 +186,7 @@ def _int8_backbone(name: str, store: Path, source, max_pixels: int,
         raise BackboneError(f"none of the images under {source.root} could be decoded to "
                             "calibrate the int8 model")
     say(f"calibrating int8 {name} on {len(pixels)} of your images (once per store)...")
-    quantized = int8.quantize(base, tflite_path, np.stack(pixels), f"{store}.int8",
+    quantized = int8.quantize(base, tflite_path, resizer.batch(pixels), f"{store}.int8",
                               str(source.root))
     fidelity = int8.describe(quantized.name)["fidelity"]
     say(f"int8 model saved in {quantized.name}: cosine to fp32 min {fidelity['min_cosine']:.3f}, "

@@ -135,6 +135,8 @@ def resize_image(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarr
     antialiased bilinear (the same triangle filter TensorFlow's antialias uses)
     in float mode, so no rounding to uint8; enlarging is Pillow's plain bilinear
     with half-pixel centres, as tf.image.resize. Only the centre crop is computed.
+    The result may be a read-only view (a grey image is resized once, for all
+    three channels).
     """
     h, w = image.shape[:2]
     if crop_fraction >= 1.0:
@@ -160,12 +162,15 @@ def resize_image(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarr
     # widened), the plain half-pixel bilinear when enlarging (3x faster than gathers)
     sy, sx = h / new_h, w / new_w
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
-    out = np.empty((3, size, size), np.float32)
-    for c in range(3):  # Pillow resamples float ("F") images one plane at a time
+    grey = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0],
+                                                                           image[..., 2])
+    channels = 1 if grey else 3  # a grey image (scans, Fashion-MNIST): one plane, not three
+    planes = np.ascontiguousarray(image[..., :channels].transpose(2, 0, 1), dtype=np.float32)
+    out = np.empty((channels, size, size), np.float32)
+    for c in range(channels):  # Pillow resamples float ("F") images one plane at a time
         plane = Image.frombuffer("F", (w, h), planes[c], "raw", "F", 0, 1)
         out[c] = np.asarray(plane.resize((size, size), Image.Resampling.BILINEAR, box=box))
-    return out.transpose(1, 2, 0)
+    return np.broadcast_to(out[0, ..., None], (size, size, 3)) if grey else out.transpose(1, 2, 0)
 
 
 def _bilinear_taps(n_in: int, n_out: int, start: int, count: int):
