@@ -36,7 +36,7 @@ from embedstore.quiet import native_output_silenced
 
 RUNTIMES = ("tflite", "keras", "int8")
 DEFAULT_RUNTIME = "tflite"
-TFLITE_FORMAT = 1  # bump when the conversion changes, to invalidate cached .tflite files
+TFLITE_FORMAT = 2  # bump when the conversion changes, to invalidate cached .tflite files
 MAX_ABS_DIFF = 1e-4  # a conversion further than this from the Keras model is not used
 
 
