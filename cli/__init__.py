@@ -18,7 +18,9 @@ import importlib.abc
 import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported anywhere
@@ -45,9 +47,21 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         run = spec.loader.exec_module
 
         def exec_module(module):
-            with native_output_silenced(fds=(2,)):
-                run(module)
+            # a Ctrl-C that lands inside TensorFlow's import can be swallowed by its
+            # broad excepts (the command then runs on): hold it until the import is done
+            interrupted: list[int] = []
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) \
+                if main_thread else None
+            try:
+                with native_output_silenced(fds=(2,)):
+                    run(module)
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
             module.get_logger().setLevel("ERROR")  # retracing warnings and the like
+            if interrupted:
+                raise KeyboardInterrupt
 
         spec.loader.exec_module = exec_module
         return spec
