@@ -147,7 +147,7 @@ class TFLiteRunner:
         return out
 
     def _run(self, pixels: np.ndarray, out: np.ndarray) -> None:
-        interpreter = self._free.get()  # several callers (decode threads, Ray) may share us
+        interpreter = self._free.get()  # callers in several threads may share the runner
         try:
             for i in range(len(pixels)):
                 out[i] = interpreter(pixels[i:i + 1])
