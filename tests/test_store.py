@@ -100,6 +100,52 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     assert by_path(store) == rows and verify(store)["ok"]
 
 
+def _lookups_after_a_rename_and_a_change(store) -> dict:
+    """Three commits, then a writer that looks rows up and changes two of them."""
+    with StoreWriter(store, META) as w:
+        for c in range(3):
+            add_batch(w, c * 10, 10)
+            w.commit()
+    with StoreWriter(store, META) as w:
+        assert w.known(sha(5)) and not w.known(sha(99))
+        assert w.path_sha.get("img/7.png") == sha(7) and "img/99.png" not in w.path_sha
+        assert w.sha_paths.get(sha(12)) == ["img/12.png"]
+        assert w.has_row("img/3.png", sha(3)) and not w.has_row("img/3.png", sha(4))
+        w.add(np.full((1, DIM), -1.0), ["img/3.png"], [sha(999)], ["c0"])  # changed content
+        w.add_copy("moved/4.png", sha(4), "c1")  # a rename: copy, then the old path goes
+        w.remove("img/4.png")
+        assert w.path_sha.get("img/4.png") is None and w.known(sha(999))
+    return by_path(store)
+
+
+def test_writer_lookups_never_trust_a_key_collision(tmp_path, monkeypatch):
+    """The writer finds rows by 64-bit keys of paths and hashes; with every key equal it
+    must still tell every path and content apart (each match is checked on disk)."""
+    expected = _lookups_after_a_rename_and_a_change(tmp_path / "a.h5")
+    assert len(expected) == 30 and expected["img/3.png"][0] == sha(999)
+    assert "img/4.png" not in expected and expected["moved/4.png"][3][0] == 4
+    from embedstore.store import _rowindex
+
+    monkeypatch.setattr(_rowindex, "text_keys", lambda values: np.zeros(len(values), np.uint64))
+    monkeypatch.setattr(_rowindex, "text_key", lambda value: np.uint64(0))
+    assert _lookups_after_a_rename_and_a_change(tmp_path / "b.h5") == expected
+
+
+def test_writer_memory_is_a_few_dozen_bytes_a_row_and_old_shards_reopen(tmp_path):
+    store = tmp_path / "m.h5"
+    with StoreWriter(store, META) as w:
+        for c in range(4):
+            add_batch(w, c * 5000, 5000)
+            w.commit()
+        assert w._where.nbytes <= 40 * 20_000  # 32 bytes a row, plus runs not yet merged
+    for shard in parts_dir(store).glob("shard-*.h5"):  # as the first format-2 writer wrote them
+        with h5py.File(shard, "r+") as f:
+            del f["keys"]
+    with StoreWriter(store, META) as w:  # keys are computed from the paths and hashes instead
+        assert w.known(sha(19_999)) and w.path_sha.get("img/123.png") == sha(123)
+        assert w._where.nbytes == 32 * 20_000
+
+
 def test_small_shards_fold_once_they_add_up(tmp_path, monkeypatch):
     from embedstore.store import writer
 
