@@ -36,6 +36,14 @@ def add_batch(w: StoreWriter, start: int, n: int, label=None, prefix="img") -> N
           [sha(i) for i in ids], [label or f"c{i % 3}" for i in ids])
 
 
+def commit_batches(store, commits: int, rows: int) -> None:
+    """A store grown by `commits` commits of `rows` rows (img/0.png, img/1.png, ...)."""
+    with StoreWriter(store, META) as w:
+        for c in range(commits):
+            add_batch(w, c * rows, rows)
+            w.commit()
+
+
 def by_path(store) -> dict:
     """path -> (sha, label name, view, vector) as open_store sees it."""
     with open_store(store) as s:
@@ -51,10 +59,7 @@ def shard_files(store) -> dict:
 
 def test_many_commits_read_the_same_through_plain_h5py(tmp_path):
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(12):
-            add_batch(w, c * 7, 7)
-            w.commit()
+    commit_batches(store, 12, 7)
     assert len(shard_files(store)) == 12 and not lock_path(store).exists()
     with open_store(store) as s, h5py.File(store, "r") as f:
         assert s.n_rows == 84 and f["embeddings"].shape == (84, DIM)
@@ -71,10 +76,7 @@ def test_many_commits_read_the_same_through_plain_h5py(tmp_path):
 
 def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(3):
-            add_batch(w, c * 10, 10)
-            w.commit()
+    commit_batches(store, 3, 10)
     before = shard_files(store)
     with StoreWriter(store, META) as w:
         w.add(np.full((1, DIM), -1.0), ["img/3.png"], [sha(999)], ["c0"])  # changed content
@@ -102,10 +104,7 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
 
 def _lookups_after_a_rename_and_a_change(store) -> dict:
     """Three commits, then a writer that looks rows up and changes two of them."""
-    with StoreWriter(store, META) as w:
-        for c in range(3):
-            add_batch(w, c * 10, 10)
-            w.commit()
+    commit_batches(store, 3, 10)
     with StoreWriter(store, META) as w:
         assert w.known(sha(5)) and not w.known(sha(99))
         assert w.path_sha.get("img/7.png") == sha(7) and "img/99.png" not in w.path_sha
@@ -133,17 +132,15 @@ def test_writer_lookups_never_trust_a_key_collision(tmp_path, monkeypatch):
 
 def test_writer_memory_is_a_few_dozen_bytes_a_row_and_old_shards_reopen(tmp_path):
     store = tmp_path / "m.h5"
+    commit_batches(store, 4, 5000)
     with StoreWriter(store, META) as w:
-        for c in range(4):
-            add_batch(w, c * 5000, 5000)
-            w.commit()
-        assert w._where.nbytes <= 40 * 20_000  # 32 bytes a row, plus runs not yet merged
+        assert w._where.nbytes == 32 * 20_000  # a 64-bit key and a location, by hash and by path
     for shard in parts_dir(store).glob("shard-*.h5"):  # as the first format-2 writer wrote them
         with h5py.File(shard, "r+") as f:
             del f["keys"]
     with StoreWriter(store, META) as w:  # keys are computed from the paths and hashes instead
         assert w.known(sha(19_999)) and w.path_sha.get("img/123.png") == sha(123)
-        assert w._where.nbytes == 32 * 20_000
+        assert w._where.nbytes == 32 * 20_000 and not w.known(sha(20_000))
 
 
 def test_small_shards_fold_once_they_add_up(tmp_path, monkeypatch):
@@ -151,10 +148,7 @@ def test_small_shards_fold_once_they_add_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "FOLD_ROWS", 20)
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(5):
-            add_batch(w, c * 6, 6)
-            w.commit()
+    commit_batches(store, 5, 6)
     with open_store(store) as s:  # 6+6+6 < 20 <= 24: one fold, then one small shard
         assert [sh.rows for sh in s.shards] == [24, 6] and s.n_rows == 30
     assert sorted(by_path(store)) == sorted(f"img/{i}.png" for i in range(30))
@@ -275,10 +269,7 @@ def test_format1_store_is_read_and_upgraded_on_the_next_write(tmp_path):
 
 def test_unreadable_shards_and_parts_are_quarantined_not_blocking(tmp_path, caplog):
     store = tmp_path / "q.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(3):
-            add_batch(w, c * 5, 5)
-            w.commit()
+    commit_batches(store, 3, 5)
     bad = sorted(parts_dir(store).glob("shard-*.h5"))[1]
     bad.write_bytes(b"garbage")
     (parts_dir(store) / "part-abc.h5").write_bytes(b"odd name")
