@@ -552,9 +552,8 @@ class _Batch:
         return [r for r, keep in zip(self.rows, self.kept_flags) if keep]
 
 
-
 class _Lookup:
-    """A read-only mapping over a lookup function (None: absent): `get`, `in`, `[]`."""
+    """A read-only mapping over a lookup function (None: absent): `get` and `in`."""
 
     def __init__(self, find):
         self._find = find
@@ -565,9 +564,3 @@ class _Lookup:
 
     def __contains__(self, key: str) -> bool:
         return self._find(key) is not None
-
-    def __getitem__(self, key: str):
-        found = self._find(key)
-        if found is None:
-            raise KeyError(key)
-        return found
