@@ -1,15 +1,16 @@
 """The writer's map of committed rows: content hash or path -> where the row lives.
 
 A hash or a path is held in memory only as a 64-bit key (blake2b) beside the
-row's location (shard seq << 32 | row), in two tables sorted by key: 32 bytes
-a live row, however long its path. A key match is confirmed against the
+row's location (shard seq << 32 | row), in two tables sorted by key
+(SortedRuns): 32 bytes a live row, however long its path, and any merge of
+the tables needs at most ~100 MB more. A key match is confirmed against the
 shard's own columns with one `pread` (they are contiguous and immutable), so
 a key collision can never make two paths or two contents one. Every shard
 carries its rows' keys (`/keys`, written with the shard), so opening a
 writer reads 16 bytes a row, not every path and hash.
 
 Rows leave the tables lazily: a lookup ignores locations in shards that are
-gone or rows that are tombstoned, and merging runs drops them for good.
+gone or rows that are tombstoned, and merges drop them for good.
 """
 
 from __future__ import annotations
@@ -50,32 +51,62 @@ def shard_keys(sha256: np.ndarray, paths: np.ndarray) -> np.ndarray:
     return np.stack([text_keys(sha256), text_keys(paths)], axis=1)
 
 
-class SortedRuns:
-    """A uint64 key -> int64 location multimap held as a few sorted runs.
+Run = tuple  # (keys: sorted uint64, locations: int64), the same length
 
-    Each run is at least RATIO times longer than the next one, so a lookup
-    searches about log_RATIO(N / rows per commit) runs (4 at 10^7 rows), and a
-    row is copied about 16 times over its life; the rare merge of everything
-    copies 16 bytes a row once.
+
+class SortedRuns:
+    """A uint64 key -> int64 location multimap in sorted NumPy arrays.
+
+    Most pairs live in the base: partitions by key range of at most
+    2 x PART_ROWS pairs, so a lookup searches one of them, and merging into the
+    base rewrites one partition at a time (a merge's extra memory stays under
+    ~100 MB however big the store). New pairs go to a short tail of sorted runs,
+    each at least RATIO times longer than the next; once the tail holds more
+    than 1/RATIO of the base it is merged into the base. Merges drop the
+    locations that are no longer live. A pair is copied about 2 x RATIO times.
     """
 
+    PART_ROWS = 1 << 21  # 32 MB of keys and locations
     RATIO = 8
 
     def __init__(self):
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.base: list[Run] = []
+        self.bounds = np.zeros(0, np.uint64)  # first key of every base partition but the first
+        self.tail: list[Run] = []
 
     def add(self, keys: np.ndarray, locs: np.ndarray,
             keep: Callable[[np.ndarray], np.ndarray]) -> None:
         """Add pairs; `keep(locs)` says which locations are still live when runs merge."""
         order = np.argsort(keys)
         run = (keys[order], locs[order])
-        while self.runs and len(self.runs[-1][0]) < self.RATIO * len(run[0]):
-            run = _merge(self.runs.pop(), run, keep)
-        self.runs.append(run)
+        while self.tail and len(self.tail[-1][0]) < self.RATIO * len(run[0]):
+            run = _merge(self.tail.pop(), run, keep)
+        self.tail.append(run)
+        tail_rows = sum(len(k) for k, _ in self.tail)
+        if self.RATIO * tail_rows > max(sum(len(k) for k, _ in self.base), self.PART_ROWS):
+            self._merge_tail_into_base(keep)
+
+    def _merge_tail_into_base(self, keep: Callable[[np.ndarray], np.ndarray]) -> None:
+        run = self.tail.pop()
+        while self.tail:
+            run = _merge(self.tail.pop(), run, keep)
+        old = self.base or [(np.zeros(0, np.uint64), np.zeros(0, np.int64))]
+        edges = [0, *run[0].searchsorted(self.bounds).tolist(), len(run[0])]
+        base = []
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            part, old[i] = old[i], None  # freed as we go: one partition's copy at a time
+            base += _split(_merge(part, (run[0][a:b], run[1][a:b]), keep), self.PART_ROWS)
+        self.base = [p for p in base if len(p[0])]
+        self.bounds = np.array([p[0][0] for p in self.base[1:]], np.uint64)
+
+    def _runs_for(self, key: np.uint64) -> list[Run]:
+        if not self.base:
+            return self.tail
+        return [*self.tail, self.base[int(self.bounds.searchsorted(key, side="right"))]]
 
     def find(self, key: np.uint64) -> list[int]:
         hits = []
-        for keys, locs in self.runs:
+        for keys, locs in self._runs_for(key):
             i = int(keys.searchsorted(key))
             while i < len(keys) and keys[i] == key:
                 hits.append(int(locs[i]))
@@ -83,20 +114,84 @@ class SortedRuns:
         return hits
 
     def may_hold(self, keys: np.ndarray) -> np.ndarray:
-        """Which of many keys are in some run (live or not): one vectorised pass a run."""
+        """Which of many keys are here (live or not): one vectorised pass a run."""
         found = np.zeros(len(keys), bool)
-        for run, _ in self.runs:
-            if len(run):
-                at = np.minimum(run.searchsorted(keys), len(run) - 1)
-                found |= run[at] == keys
+        for run, _ in self.tail:
+            found |= _holds(run, keys)
+        if self.base:
+            part = self.bounds.searchsorted(keys, side="right")
+            for p in np.unique(part).tolist():
+                at = np.flatnonzero(part == p)
+                found[at] |= _holds(self.base[p][0], keys[at])
         return found
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.runs)
+        return sum(k.nbytes + v.nbytes for k, v in self.base + self.tail)
 
 
-def _merge(a: tuple, b: tuple, keep: Callable[[np.ndarray], np.ndarray]) -> tuple:
+class _RangeFill:
+    """Builds a SortedRuns from n pairs given piece by piece, needing little more memory
+    than the result: pairs go straight into one buffer per key range (keys are uniform
+    hashes, so the ranges fill evenly), and each range is sorted into a base partition
+    and its buffer freed before the next. Big buffers, not many small pieces: freed small
+    allocations stay in the process's heap and would double its peak RSS."""
+
+    def __init__(self, n: int, rows: int):
+        count = max(1, -(-n // rows))
+        self.bounds = np.arange(1, count, dtype=np.uint64) * np.uint64((2**64 - 1) // count)
+        size = n // count + n // (8 * count) + 1024
+        self.keys = [np.empty(size, np.uint64) for _ in range(count)]
+        self.locs = [np.empty(size, np.int64) for _ in range(count)]
+        self.used = [0] * count
+
+    def put(self, keys: np.ndarray, locs: np.ndarray) -> None:
+        where = self.bounds.searchsorted(keys, side="right")
+        order = np.argsort(where, kind="stable")
+        edges = where[order].searchsorted(np.arange(len(self.used) + 1))
+        for r in np.flatnonzero(np.diff(edges)).tolist():
+            take = order[edges[r]:edges[r + 1]]
+            a, b = self.used[r], self.used[r] + len(take)
+            if b > len(self.keys[r]):  # an uneven range: grow it
+                self.keys[r] = np.resize(self.keys[r], 2 * b)
+                self.locs[r] = np.resize(self.locs[r], 2 * b)
+            self.keys[r][a:b], self.locs[r][a:b] = keys[take], locs[take]
+            self.used[r] = b
+
+    def table(self) -> SortedRuns:
+        table = SortedRuns()
+        for r, n in enumerate(self.used):
+            keys, locs = self.keys[r][:n], self.locs[r][:n]
+            self.keys[r] = self.locs[r] = None
+            if n:
+                order = np.argsort(keys)
+                table.base.append((keys[order], locs[order]))
+        table.bounds = np.array([p[0][0] for p in table.base[1:]], np.uint64)
+        return table
+
+
+def _holds(run: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not len(run):
+        return np.zeros(len(keys), bool)
+    return run[np.minimum(run.searchsorted(keys), len(run) - 1)] == keys
+
+
+def _split(run: Run, rows: int) -> list[Run]:
+    """A run longer than 2 x rows -> pieces of about `rows` (views, no copy); equal keys
+    stay in one piece, so a key is always in the partition its bounds say."""
+    keys, locs = run
+    if len(keys) <= 2 * rows:
+        return [run]
+    pieces, a = [], 0
+    for cut in range(rows, len(keys) - rows // 2, rows):
+        cut = int(keys.searchsorted(keys[cut]))
+        if cut > a:
+            pieces.append((keys[a:cut], locs[a:cut]))
+            a = cut
+    return pieces + [(keys[a:], locs[a:])]
+
+
+def _merge(a: Run, b: Run, keep: Callable[[np.ndarray], np.ndarray]) -> Run:
     """Two sorted runs -> one, without the locations that are no longer live."""
     keys_a, locs_a = a[0], a[1]
     at = keys_a.searchsorted(b[0], side="right") + np.arange(len(b[0]))
@@ -138,18 +233,18 @@ class RowIndex:
     # shards coming and going ----------------------------------------------------------
     def load(self, shards: list[Shard], dim: int) -> list[tuple[Shard, Exception]]:
         """Index the live rows of `shards`; returns the shards that cannot be read."""
-        bad, parts = [], []
+        bad = []
+        by_sha, by_path = (_RangeFill(sum(s.n_live for s in shards), SortedRuns.PART_ROWS)
+                           for _ in range(2))
         for shard in shards:
             try:
-                parts.append(self._open(shard, dim))
+                keys, locs = self._open(shard, dim)
             except (OSError, KeyError, ValueError) as exc:
                 bad.append((shard, exc))
-        if parts:
-            keys = np.concatenate([k for k, _ in parts])
-            locs = np.concatenate([v for _, v in parts])
-            del parts
-            self.by_sha.add(keys[:, 0].copy(), locs, self.live_mask)
-            self.by_path.add(keys[:, 1].copy(), locs, self.live_mask)
+                continue
+            by_sha.put(keys[:, 0], locs)
+            by_path.put(keys[:, 1], locs)
+        self.by_sha, self.by_path = by_sha.table(), by_path.table()
         return bad
 
     def add(self, shard: Shard, dim: int) -> None:
@@ -193,7 +288,10 @@ class RowIndex:
         return shard is not None and (location & ROW_MASK) not in shard.dead
 
     def live_mask(self, locs: np.ndarray) -> np.ndarray:
-        live = np.isin(locs >> ROW_BITS, np.fromiter(self.shards, np.int64))
+        seqs = locs >> ROW_BITS
+        alive = np.zeros(max(self.shards, default=0) + 2, bool)  # a table by seq: one O(n) pass
+        alive[list(self.shards)] = True
+        live = alive[np.minimum(seqs, len(alive) - 1)]
         dead = [loc(seq, row) for seq, s in self.shards.items() for row in s.dead]
         if dead:
             live &= ~np.isin(locs, np.array(dead, np.int64))
