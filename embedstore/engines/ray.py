@@ -214,9 +214,9 @@ def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
     clock = time.perf_counter()
     pixels = dict(zip((item.index for item in new),
                       resizer.batch([item.image for item in new]) if new else []))
-    for item in new:  # the final resize is part of "resize", shared by the new files
-        item.seconds["resize"] = item.seconds.get("resize", 0.0) + (
-            time.perf_counter() - clock) / len(new)
+    share = (time.perf_counter() - clock) / max(len(new), 1)
+    for item in new:  # batching the pixels counts as "resize", shared by the new files
+        item.seconds["resize"] = item.seconds.get("resize", 0.0) + share
     return {"index": batch["index"],
             "sha256": _objects([item.sha256 or "" for item in loaded]),
             "error": _objects([item.error or "" for item in loaded]),
