@@ -6,12 +6,15 @@ Synthetic 1280-d float32 vectors go through the real StoreWriter in commits
 of 10^4 rows (one writer, as one long extract would). At each checkpoint
 (10^5, 10^6, 3x10^6, 10^7 rows, up to --max-rows) it reports the seconds
 per commit over the last commits (median, p90, max: folds of small shards
-are the spikes); a side-by-side probe: 5 commits into this store alternated
-with 5 into a near-empty one, median ratio (the flatness figure on a noisy
-machine: both see the same load); the writer's peak RSS; and, in a fresh
-process, the time to
-open the store, read 10k random rows, stream every row, and disk bytes per
-row. The store is deleted afterwards unless --keep. 10^7 rows need ~52 GB
+are the spikes); the size of the writer's row index; in a fresh process, the
+time to open the store, read 10k random rows, stream every row, and disk
+bytes per row; in another, the time and peak RSS of re-opening a writer on
+the store (what a resumed extract pays); then a side-by-side probe: 15
+commits into this store alternated with 15 into a new, near-empty one, and
+the median of the 15 ratios of neighbouring commits (the flatness figure on
+a noisy machine: each pair sees the same load, and the median ignores the
+folds' spikes); and the writer's peak RSS so far. The store is deleted
+afterwards unless --keep. 10^7 rows need ~52 GB
 of free disk (checked before it starts). SIGTERM/Ctrl-C stops at the next
 commit and reports the checkpoints reached.
 """
@@ -19,6 +22,7 @@ commit and reports the checkpoints reached.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -32,9 +36,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import report, run_child, table  # noqa: E402
 from embedstore.store import StoreWriter, parts_dir  # noqa: E402
+from embedstore.store._lock import acquire_lock, release_lock  # noqa: E402
 
 DIM = 1280
 COMMIT_ROWS = 10_000
+PROBE_COMMITS = 15
 CHECKPOINTS = [100_000, 1_000_000, 3_000_000, 10_000_000]
 META = {"name": "synthetic", "fingerprint": "5" * 64, "dim": DIM, "config": {}}
 
@@ -60,6 +66,28 @@ print(json.dumps({"rows": n, "open_s": open_s, "random_s": random_s, "stream_s":
                   "shards": len(s.shards)}))
 """
 
+WRITER_CHILD = r"""
+import json, sys, time
+from embedstore.store import StoreWriter
+t = time.perf_counter()
+w = StoreWriter(sys.argv[1], json.loads(sys.argv[2]))
+open_s = time.perf_counter() - t
+w.release()
+# VmHWM, not ru_maxrss: the latter counts the parent's pages at fork, before exec
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+print(json.dumps({"open_s": open_s, "hwm_mb": int(hwm) / 1024}))
+"""
+
+
+def reopen_in_child(w: StoreWriter) -> dict:
+    """Time a fresh writer opening the store, in a child process. The running writer lends
+    it the lock and takes it back; the child changes nothing, so its state stays current."""
+    release_lock(w._lock_fd, w._real)
+    try:
+        return run_child(WRITER_CHILD, str(w.path), json.dumps(META))
+    finally:
+        w._lock_fd = acquire_lock(w._real)
+
 
 def commit_batch(w: StoreWriter, n: int, base: np.ndarray, prefix: str = "c") -> float:
     """Add and commit rows n .. n+COMMIT_ROWS; seconds taken."""
@@ -71,13 +99,23 @@ def commit_batch(w: StoreWriter, n: int, base: np.ndarray, prefix: str = "c") ->
     return time.perf_counter() - t
 
 
-def probe(w: StoreWriter, n: int, small: StoreWriter, small_n: int, base) -> tuple[float, float]:
-    """Alternate commits into the big store and a near-empty one: (median big s, median small s)."""
+def probe(w: StoreWriter, n: int, small_store: Path, base) -> tuple[float, float, float]:
+    """Alternate commits into the big store and a new one: (median big s, median small s,
+    median of the ratios big / small of each pair)."""
+    remove_store(small_store)
     big_s, small_s = [], []
-    for k in range(5):
-        big_s.append(commit_batch(w, n + k * COMMIT_ROWS, base))
-        small_s.append(commit_batch(small, small_n + k * COMMIT_ROWS, base, prefix="s"))
-    return float(np.median(big_s)), float(np.median(small_s))
+    with StoreWriter(small_store, META) as small:
+        for k in range(PROBE_COMMITS):
+            big_s.append(commit_batch(w, n + k * COMMIT_ROWS, base))
+            small_s.append(commit_batch(small, k * COMMIT_ROWS, base, prefix="s"))
+    remove_store(small_store)
+    return (float(np.median(big_s)), float(np.median(small_s)),
+            float(np.median(np.array(big_s) / np.array(small_s))))
+
+
+def remove_store(store: Path) -> None:
+    shutil.rmtree(parts_dir(store), ignore_errors=True)
+    store.unlink(missing_ok=True)
 
 
 def disk_bytes(store: Path) -> int:
@@ -104,50 +142,52 @@ def main() -> None:
     results, commit_s = [], []
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     small_store = a.dir / "probe.h5"
-    n = small_n = 0
+    n = 0
     try:
         t = time.perf_counter()
         w = StoreWriter(store, META)
         writer_open_s = time.perf_counter() - t
-        small = StoreWriter(small_store, META)
         for checkpoint in checkpoints:
-            while n < checkpoint - 5 * COMMIT_ROWS:
+            while n < checkpoint:
                 commit_s.append(commit_batch(w, n, base))
                 n += COMMIT_ROWS
-            big_s, small_s = probe(w, n, small, small_n, base)
-            n += 5 * COMMIT_ROWS
-            small_n += 5 * COMMIT_ROWS
+                if len(commit_s) % 100 == 0:
+                    print(f"{n:,} rows, median of the last 100 commits "
+                          f"{np.median(commit_s[-100:]):.2f} s", flush=True)
             window = np.array(commit_s[-50:])
-            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            index_mb = w._where.nbytes / 1e6
             read = run_child(READ_CHILD, str(store))
-            results.append([f"{n:,}", f"{np.median(window):.3f}", f"{np.percentile(window, 90):.3f}",
-                            f"{window.max():.2f}", f"{big_s:.3f} / {small_s:.3f} = "
-                            f"**{big_s / small_s:.2f}**", f"{peak_rss:.0f}", read["shards"],
-                            f"{read['open_s']:.3f}", f"{read['random_s']:.2f}",
-                            f"{read['stream_s']:.1f}", f"{n * DIM * 4 / 1e9 / read['stream_s']:.2f}",
-                            f"{disk_bytes(store) / n:.0f}"])
+            reopen = reopen_in_child(w)
+            disk = disk_bytes(store) / n
+            big_s, small_s, ratio = probe(w, n, small_store, base)  # from the checkpoint on
+            n += PROBE_COMMITS * COMMIT_ROWS
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            results.append([f"{checkpoint:,}", f"{np.median(window):.3f}", f"{np.percentile(window, 90):.3f}",
+                            f"{window.max():.2f}", f"{big_s:.3f} / {small_s:.3f}; "
+                            f"**{ratio:.2f}**", f"{peak_rss:.0f}", f"{index_mb:.0f}",
+                            read["shards"], f"{read['open_s']:.3f}", f"{read['random_s']:.2f}",
+                            f"{read['stream_s']:.1f}",
+                            f"{checkpoint * DIM * 4 / 1e9 / read['stream_s']:.2f}",
+                            f"{disk:.0f}", f"{reopen['open_s']:.2f}",
+                            f"{reopen['hwm_mb']:.0f}"])
             print(results[-1], flush=True)
         w.release()
-        small.release()
-        t = time.perf_counter()
-        StoreWriter(store, META).release()
-        reopen_s = f"{time.perf_counter() - t:.1f} s"
     except KeyboardInterrupt:
-        reopen_s = "not measured (stopped early)"
+        pass
     finally:
         if not a.keep:
             for s in (store, small_store):
-                shutil.rmtree(parts_dir(s), ignore_errors=True)
-                s.unlink(missing_ok=True)
-    not_run = [f"{c:,}" for c in CHECKPOINTS if c > n]
+                remove_store(s)
+    done = {row[0] for row in results}
+    not_run = [f"{c:,}" for c in CHECKPOINTS if f"{c:,}" not in done]
     body = table(["rows", "commit s (median of last 50)", "p90", "max",
-                  "probe: commit s here / near-empty store", "writer peak RSS MB",
-                  "shards", "open_store s", "10k random rows s", "stream all s", "stream GB/s",
-                  "disk bytes/row"], results)
+                  "probe: median commit s here / in a new store; median ratio of pairs", "writer peak RSS MB",
+                  "row index MB", "shards", "open_store s", "10k random rows s", "stream all s",
+                  "stream GB/s", "disk bytes/row", "re-open writer s",
+                  "re-opened writer peak RSS MB"], results)
     body += (f"\n\nCommits of {COMMIT_ROWS:,} rows x {DIM} float32 ({COMMIT_ROWS * DIM * 4 / 1e6:.0f}"
              f" MB of vectors each), one writer. Writer open on an empty store "
-             f"{writer_open_s:.2f} s; re-opening a writer on the final {n:,}-row store (it loads "
-             f"every path and hash) {reopen_s}. Raw vectors are {DIM * 4} bytes/row. Load "
+             f"{writer_open_s:.2f} s. Raw vectors are {DIM * 4} bytes/row. Load "
              f"average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
              + (f" Not measured: {', '.join(not_run)} rows." if not_run else ""))
     report("Sharded store at scale (synthetic vectors, no model)", body)

@@ -122,7 +122,9 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
               type=click.IntRange(1), help="Refuse images with more pixels (decompression bombs).")
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Commit to disk after this many new embeddings (the most a crash can lose).")
-@click.option("--workers", type=click.IntRange(1, 64), help="Decode threads [default: cores + 2].")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Decode threads [default: cores + 2]; with --engine ray, decode tasks "
+                   "running at once [default: as many as the cluster's free CPUs].")
 @click.option("--prune", is_flag=True,
               help="Drop rows (and failures) of files that are no longer under IMAGES.")
 @click.option("--follow-links", is_flag=True,

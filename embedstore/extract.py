@@ -135,7 +135,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
 
         if run_elsewhere is not None:
             run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
-                                    progress, batch_size, max_pixels, commit_every))
+                                    progress, batch_size, max_pixels, commit_every, workers))
         else:
             to_embed = _classify(stream([r.path for r in refs], resizer, writer.known,
                                         max_pixels, workers), refs, writer, source.root, state,

@@ -1,18 +1,21 @@
-"""The Ray Data engine writes the same store as the local engine, resumes, and says what
-to install when Ray is missing. Ray runs here for real, on this machine (2 CPUs)."""
+"""The Ray Data engine writes the same store as the local engine, resumes after its driver
+is killed, and says what to install when Ray is missing. Ray runs here for real, on this
+machine (2 CPUs)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from embedstore.engines import EngineError, get_engine
-from embedstore.extract import backbone_meta, extract
-from embedstore.store import StoreWriter, open_store
+from embedstore.extract import extract
+from embedstore.store import lock_path, open_store
 from tests.conftest import SAMPLE
 
 
@@ -52,26 +55,54 @@ def _contents(store) -> tuple[dict, dict]:
     return rows, failures
 
 
-def test_ray_store_equals_local_after_a_crash_and_resume(ray_session, mixed_tree, tmp_path,
-                                                         backbone):
+# The driver of a Ray run, in its own process so that the test can kill -9 it. It joins
+# the test's Ray and stalls once its first batch is committed (commit_every=4).
+KILLED_DRIVER = """
+import sys, time
+from embedstore.extract import extract
+
+def stall_after_the_first_commit(state):
+    if state.embedded >= 4:
+        time.sleep(600)
+
+extract(sys.argv[1], sys.argv[2], "mobilenet_v2", runtime=sys.argv[3], engine="ray",
+        batch_size=4, commit_every=4, progress=stall_after_the_first_commit,
+        engine_options={"address": sys.argv[4]})
+"""
+
+
+def _kill_driver_after_its_first_commit(ray, images, store, runtime: str) -> None:
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(images), str(store),
+                             runtime, address])
+    try:
+        deadline = time.monotonic() + 300
+        while not store.exists():  # the index appears at the first commit
+            assert proc.poll() is None and time.monotonic() < deadline, "driver never committed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, the writer's lock stays behind
+        proc.wait()
+
+
+def test_ray_store_equals_local_after_a_kill_minus_nine_and_resume(ray_session, mixed_tree,
+                                                                    tmp_path, backbone):
     local = extract(mixed_tree, tmp_path / "local.h5", backbone)
     assert (local.embedded, local.failed) == (13, 3)
     store = tmp_path / "ray.h5"
+    _kill_driver_after_its_first_commit(ray_session, mixed_tree, store, backbone.runtime)
+    assert lock_path(store).exists()
+    with open_store(store) as s:
+        committed = len(set(s.paths))
+    assert 4 <= committed < 13  # the committed batch survived, the rest never came
 
-    def crash_after_two_commits(state):
-        if state.embedded >= 8:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(mixed_tree, store, backbone, engine="ray", batch_size=4, commit_every=4,
-                progress=crash_after_two_commits)
-    with StoreWriter(store, backbone_meta(backbone)) as writer:
-        committed = len(writer.path_sha)
-    assert 4 <= committed < 13  # the committed batches survived, the rest did not
-
-    resumed = extract(mixed_tree, store, backbone, engine="ray", batch_size=4)
+    resumed = extract(mixed_tree, store, backbone, engine="ray", batch_size=4, workers=1)
     assert resumed.unchanged == committed and resumed.failed == 3
     assert resumed.embedded + resumed.reused == 13 - committed
+    # every stage is reported (read and hash of 16 small files round to 0.000 s)
+    assert set(resumed.stages) == {"read", "hash", "decode", "resize", "infer", "write"}
+    assert all(resumed.stages[s] > 0 for s in ("decode", "resize", "infer", "write")), \
+        resumed.stages
 
     local_rows, local_failures = _contents(tmp_path / "local.h5")
     ray_rows, ray_failures = _contents(store)

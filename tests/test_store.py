@@ -36,6 +36,14 @@ def add_batch(w: StoreWriter, start: int, n: int, label=None, prefix="img") -> N
           [sha(i) for i in ids], [label or f"c{i % 3}" for i in ids])
 
 
+def commit_batches(store, commits: int, rows: int) -> None:
+    """A store grown by `commits` commits of `rows` rows (img/0.png, img/1.png, ...)."""
+    with StoreWriter(store, META) as w:
+        for c in range(commits):
+            add_batch(w, c * rows, rows)
+            w.commit()
+
+
 def by_path(store) -> dict:
     """path -> (sha, label name, view, vector) as open_store sees it."""
     with open_store(store) as s:
@@ -51,10 +59,7 @@ def shard_files(store) -> dict:
 
 def test_many_commits_read_the_same_through_plain_h5py(tmp_path):
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(12):
-            add_batch(w, c * 7, 7)
-            w.commit()
+    commit_batches(store, 12, 7)
     assert len(shard_files(store)) == 12 and not lock_path(store).exists()
     with open_store(store) as s, h5py.File(store, "r") as f:
         assert s.n_rows == 84 and f["embeddings"].shape == (84, DIM)
@@ -71,10 +76,7 @@ def test_many_commits_read_the_same_through_plain_h5py(tmp_path):
 
 def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(3):
-            add_batch(w, c * 10, 10)
-            w.commit()
+    commit_batches(store, 3, 10)
     before = shard_files(store)
     with StoreWriter(store, META) as w:
         w.add(np.full((1, DIM), -1.0), ["img/3.png"], [sha(999)], ["c0"])  # changed content
@@ -91,8 +93,9 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     with open_store(store) as s:
         assert s.info()["dead_rows"] == 4 and [f["path"] for f in s.failures()] == ["img/12.png"]
         assert s.classes == ["c0", "c1", "c2", "new"]
-    with h5py.File(store, "r") as f:
-        assert f["embeddings"].shape[0] == 28
+    with h5py.File(store, "r") as f, open_store(store) as s:  # tombstones skipped in plain h5py
+        np.testing.assert_array_equal(f["embeddings"][:], s.embeddings())
+        assert list(f["paths"].asstr()[:]) == list(s.paths) and len(s.paths) == 28
     result = CliRunner().invoke(cli, ["compact", str(store), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"shards_before": 4, "shards_after": 1,
@@ -100,15 +103,92 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     assert by_path(store) == rows and verify(store)["ok"]
 
 
+def _lookups_after_a_rename_and_a_change(store) -> dict:
+    """Three commits, then a writer that looks rows up and changes two of them."""
+    commit_batches(store, 3, 10)
+    with StoreWriter(store, META) as w:
+        assert w.known(sha(5)) and not w.known(sha(99))
+        assert w.path_sha.get("img/7.png") == sha(7) and "img/99.png" not in w.path_sha
+        assert w.sha_paths.get(sha(12)) == ["img/12.png"]
+        assert w.has_row("img/3.png", sha(3)) and not w.has_row("img/3.png", sha(4))
+        w.add(np.full((1, DIM), -1.0), ["img/3.png"], [sha(999)], ["c0"])  # changed content
+        w.add_copy("moved/4.png", sha(4), "c1")  # a rename: copy, then the old path goes
+        w.remove("img/4.png")
+        assert w.path_sha.get("img/4.png") is None and w.known(sha(999))
+    return by_path(store)
+
+
+def test_writer_lookups_never_trust_a_key_collision(tmp_path, monkeypatch):
+    """The writer finds rows by 64-bit keys of paths and hashes; with every key equal it
+    must still tell every path and content apart (each match is checked on disk)."""
+    expected = _lookups_after_a_rename_and_a_change(tmp_path / "a.h5")
+    assert len(expected) == 30 and expected["img/3.png"][0] == sha(999)
+    assert "img/4.png" not in expected and expected["moved/4.png"][3][0] == 4
+    from embedstore.store import _rowindex
+
+    monkeypatch.setattr(_rowindex, "text_keys", lambda values: np.zeros(len(values), np.uint64))
+    monkeypatch.setattr(_rowindex, "text_key", lambda value: np.uint64(0))
+    assert _lookups_after_a_rename_and_a_change(tmp_path / "b.h5") == expected
+
+
+def test_writer_memory_is_a_few_dozen_bytes_a_row_and_old_shards_reopen(tmp_path):
+    store = tmp_path / "m.h5"
+    commit_batches(store, 4, 5000)
+    with StoreWriter(store, META) as w:
+        assert w._where.nbytes == 32 * 20_000  # a 64-bit key and a location, by hash and by path
+    for shard in parts_dir(store).glob("shard-*.h5"):  # as the first format-2 writer wrote them
+        with h5py.File(shard, "r+") as f:
+            del f["keys"]
+    with StoreWriter(store, META) as w:  # keys are computed from the paths and hashes instead
+        assert w.known(sha(19_999)) and w.path_sha.get("img/123.png") == sha(123)
+        assert w._where.nbytes == 32 * 20_000 and not w.known(sha(20_000))
+
+
+def test_sorted_runs_find_every_live_location_through_partitions_and_merges(monkeypatch):
+    """The writer's key table against a plain dict: small partitions, repeated keys,
+    and locations dying between additions (as folded shards and tombstones do); and a
+    table built at once from uneven key ranges (as a writer opening a store builds it)."""
+    from embedstore.store._rowindex import SortedRuns
+
+    monkeypatch.setattr(SortedRuns, "PART_ROWS", 64)
+    rng = np.random.default_rng(0)
+    table, expected, dead = SortedRuns(), {}, set()
+
+    def keep(locs):
+        return ~np.isin(locs, np.fromiter(dead, np.int64, len(dead)))
+
+    for step in range(60):
+        keys = rng.integers(0, 2**64 - 1, 50, dtype=np.uint64, endpoint=True)
+        keys[:5] = 7  # one key held by many locations, across partitions and runs
+        locs = np.arange(step * 50, step * 50 + 50, dtype=np.int64)
+        table.add(keys, locs, keep)
+        for k, v in zip(keys.tolist(), locs.tolist()):
+            expected.setdefault(k, set()).add(v)
+        dead.update(rng.choice(locs, 10, replace=False).tolist())
+    assert len(table.base) > 10 and len(table.tail) >= 1
+    for k, locs in expected.items():
+        assert set(table.find(np.uint64(k))) - dead == locs - dead
+    live = [k for k, locs in expected.items() if locs - dead][:100]
+    assert table.may_hold(np.array(live + list(range(8, 100)), np.uint64)).tolist() == (
+        [True] * len(live) + [False] * 92)  # keys never added are never "maybe"
+    assert table.nbytes < 16 * 60 * 50  # dead locations were dropped by merges
+
+    from embedstore.store._rowindex import _RangeFill
+
+    fill = _RangeFill(3000, 64)  # 47 key ranges; these keys crowd a few of them
+    keys = rng.integers(0, 2**60, 3000, dtype=np.uint64)
+    for a in range(0, 3000, 500):
+        fill.put(keys[a:a + 500], np.arange(a, a + 500))
+    built = fill.table()  # its full ranges grew; each key is found where the bounds say
+    assert all(built.find(np.uint64(k)) == [i] for i, k in enumerate(keys.tolist()))
+
+
 def test_small_shards_fold_once_they_add_up(tmp_path, monkeypatch):
     from embedstore.store import writer
 
     monkeypatch.setattr(writer, "FOLD_ROWS", 20)
     store = tmp_path / "s.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(5):
-            add_batch(w, c * 6, 6)
-            w.commit()
+    commit_batches(store, 5, 6)
     with open_store(store) as s:  # 6+6+6 < 20 <= 24: one fold, then one small shard
         assert [sh.rows for sh in s.shards] == [24, 6] and s.n_rows == 30
     assert sorted(by_path(store)) == sorted(f"img/{i}.png" for i in range(30))
@@ -229,10 +309,7 @@ def test_format1_store_is_read_and_upgraded_on_the_next_write(tmp_path):
 
 def test_unreadable_shards_and_parts_are_quarantined_not_blocking(tmp_path, caplog):
     store = tmp_path / "q.h5"
-    with StoreWriter(store, META) as w:
-        for c in range(3):
-            add_batch(w, c * 5, 5)
-            w.commit()
+    commit_batches(store, 3, 5)
     bad = sorted(parts_dir(store).glob("shard-*.h5"))[1]
     bad.write_bytes(b"garbage")
     (parts_dir(store) / "part-abc.h5").write_bytes(b"odd name")

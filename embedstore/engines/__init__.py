@@ -45,6 +45,7 @@ class EngineJob:
     batch_size: int
     max_pixels: int
     commit_every: int
+    workers: int | None = None  # decode threads (local) or decode tasks at once (ray)
 
 
 def get_engine(name: str, options: dict | None = None) -> Callable[[EngineJob], None] | None:

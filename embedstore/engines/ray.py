@@ -11,6 +11,10 @@ backbone built once per actor, embeds the new pixels. The driver streams the
 results back in file order, classifies the rest with the local engine's
 record_unembedded, and commits every `commit_every` new rows: a killed run
 keeps every committed batch and the next run resumes from the store.
+`workers` (--workers) caps the decode tasks running at once, as it caps the
+local engine's decode threads. Stage seconds come back with the rows (read,
+hash, decode, resize from the tasks, infer from the actors), summed over all
+of them like the local engine's threads; write is the driver's.
 
 Rows that need no model carry no pixels, so pixels and vectors travel as bytes
 (empty when absent): Arrow has no column type for "a tensor or nothing".
@@ -20,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 
 from embedstore.engines import EngineError, EngineJob
 from embedstore.extract import record_unembedded
+from embedstore.pipeline import STAGES
 
 LOCAL_OBJECT_STORE_BYTES = 300 * 2**20  # enough for a few batches in flight on a small box
 FILES_PER_BLOCK = 64  # rows per input block: one read task; small blocks keep results streaming
@@ -48,6 +54,8 @@ def run(job: EngineJob, address: str | None = None, num_workers: int | None = No
 
     if num_workers is not None and num_workers < 1:
         raise EngineError("num_workers must be at least 1")
+    if job.workers is not None and job.workers < 1:
+        raise EngineError("workers must be at least 1")
     if gpus_per_worker is not None and gpus_per_worker <= 0:
         raise EngineError("gpus_per_worker must be positive")
     started = _connect(address)
@@ -135,7 +143,8 @@ def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | No
         backbone = job.backbone
         dataset = dataset.map_batches(
             load_batch, batch_size=job.batch_size, num_cpus=1,
-            fn_kwargs={"known": ray.put(known_digests(job.writer)),
+            compute=ray.data.TaskPoolStrategy(size=job.workers),
+            fn_kwargs={"known": ray.put(job.writer.known_digests()),
                        "input_size": backbone.input_size,
                        "crop_fraction": backbone.crop_fraction, "max_pixels": job.max_pixels})
         dataset = dataset.map_batches(
@@ -156,6 +165,8 @@ def _write(job: EngineJob, batches) -> None:
     writer, state = job.writer, job.state
     since_commit = 0
     for batch in batches:
+        for stage in (*STAGES, "infer"):
+            state.stages[stage] += float(batch[stage].sum())
         refs, shas, vectors = [], [], []
         for index, sha, error, vector in zip(batch["index"], batch["sha256"], batch["error"],
                                              batch["vector"]):
@@ -169,6 +180,7 @@ def _write(job: EngineJob, batches) -> None:
                 record_unembedded(writer, ref, sha or None, error or None, job.root, state,
                                   job.new_failures)
         if refs:
+            clock = time.perf_counter()
             writer.add(np.stack(vectors), [r.relpath for r in refs], shas,
                        [r.label for r in refs])
             state.embedded += len(refs)
@@ -176,13 +188,9 @@ def _write(job: EngineJob, batches) -> None:
             if since_commit >= job.commit_every:
                 writer.commit()
                 since_commit = 0
+            state.stages["write"] += time.perf_counter() - clock
         if job.progress:
             job.progress(state)
-
-
-def known_digests(writer) -> np.ndarray:
-    """The hashes the store already holds, sorted: a compact, zero-copy shared lookup."""
-    return np.array(sorted(s for s in writer.sha_paths if writer.known(s)), dtype="S64")
 
 
 def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
@@ -203,13 +211,19 @@ def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
     loaded = [load_file(str(path), resizer, is_known, max_pixels, int(index))
               for index, path in zip(batch["index"], batch["path"])]
     new = [item for item in loaded if item.error is None and item.image is not None]
+    clock = time.perf_counter()
     pixels = dict(zip((item.index for item in new),
                       resizer.batch([item.image for item in new]) if new else []))
+    share = (time.perf_counter() - clock) / max(len(new), 1)
+    for item in new:  # batching the pixels counts as "resize", shared by the new files
+        item.seconds["resize"] = item.seconds.get("resize", 0.0) + share
     return {"index": batch["index"],
             "sha256": _objects([item.sha256 or "" for item in loaded]),
             "error": _objects([item.error or "" for item in loaded]),
             "pixels": _objects([pixels[item.index].tobytes() if item.index in pixels else b""
-                                for item in loaded])}
+                                for item in loaded]),
+            **{stage: np.array([item.seconds.get(stage, 0.0) for item in loaded])
+               for stage in STAGES}}
 
 
 class Embedder:
@@ -237,14 +251,18 @@ class Embedder:
         pixels = batch.pop("pixels")
         new = [i for i, p in enumerate(pixels) if len(p)]
         vectors = [b""] * len(pixels)
+        seconds = np.zeros(len(pixels))  # "infer", shared by the batch's new files
         if new:
             self.backbone = self.backbone or self._build()
             size = self.backbone.input_size
+            clock = time.perf_counter()
             x = np.stack([np.frombuffer(pixels[i], np.float32).reshape(size, size, 3)
                           for i in new])
             for i, vector in zip(new, self.backbone.embed(x)):
                 vectors[i] = vector.tobytes()
+            seconds[new] = (time.perf_counter() - clock) / len(new)
         batch["vector"] = _objects(vectors)
+        batch["infer"] = seconds
         return batch
 
 

@@ -38,9 +38,12 @@ class Shard:
         return self.rows - len(self.dead)
 
     def live(self) -> np.ndarray:
-        """Local row numbers still live, increasing."""
-        rows = np.arange(self.rows, dtype=np.int64)
-        return np.setdiff1d(rows, np.fromiter(self.dead, np.int64)) if self.dead else rows
+        """Local row numbers still live, increasing (a mask: O(rows), no sort)."""
+        if not self.dead:
+            return np.arange(self.rows, dtype=np.int64)
+        alive = np.ones(self.rows, bool)
+        alive[np.fromiter(self.dead, np.int64, len(self.dead))] = False
+        return np.flatnonzero(alive)
 
 
 @dataclass
@@ -96,30 +99,41 @@ def write_index(path: Path, backbone: dict, index: Index) -> None:
 
 
 def _write_virtual_columns(f: h5py.File, index: Index, dim: int) -> None:
+    """One virtual dataset a column over the live rows of every shard, in order.
+
+    Built with h5py's low-level calls: its VirtualLayout costs ~80 us a mapping
+    in Python, which at 150 shards x 5 columns was a tenth of every commit.
+    """
     n = sum(s.n_live for s in index.shards)
     width = max([s.path_width for s in index.shards] + [1])
-    specs = {"embeddings": ((n, dim), np.float32, (None, dim), np.nan),
-             "paths": ((n,), f"S{width}", (None,), None),
-             "sha256": ((n,), f"S{SHA_WIDTH}", (None,), None),
-             "labels": ((n,), np.int32, (None,), -1),
-             "views": ((n,), np.int16, (None,), -1)}
-    layouts = {c: h5py.VirtualLayout(shape=shape, dtype=dtype, maxshape=maxshape)
-               for c, (shape, dtype, maxshape, _) in specs.items()}
-    start = 0
+    specs = {"embeddings": (np.float32, (dim,), np.nan),
+             "paths": (f"S{width}", (), None),
+             "sha256": (f"S{SHA_WIDTH}", (), None),
+             "labels": (np.int32, (), -1),
+             "views": (np.int16, (), -1)}
+    # [start, stop) runs of each shard's live rows, and where they land in the table
+    placed, at = [], 0
     for s in index.shards:
-        source = f"{index.parts_name}/{s.name}"
-        runs = _runs(s.live())
-        for c, layout in layouts.items():
-            shape = (s.rows, dim) if c == "embeddings" else (s.rows,)
-            vs = h5py.VirtualSource(source, c, shape=shape)
-            at = start
+        runs = _runs(s.live()) if s.dead else [(0, s.rows)]
+        placed.append((f"{index.parts_name}/{s.name}".encode(), s.rows, runs, at))
+        at += s.n_live
+    for column, (dtype, row_shape, fill) in specs.items():
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.VIRTUAL)
+        if fill is not None:
+            dcpl.set_fill_value(np.array([fill], dtype))
+        table = h5py.h5s.create_simple((n, *row_shape), (h5py.h5s.UNLIMITED, *row_shape))
+        zeros = (0,) * len(row_shape)
+        for source, rows, runs, start in placed:
+            shard = h5py.h5s.create_simple((rows, *row_shape))
             for a, b in runs:
-                layout[at:at + b - a] = vs[a:b]
-                at += b - a
-        start += s.n_live
-    for c, layout in layouts.items():
-        fill = specs[c][3]
-        f.create_virtual_dataset(c, layout, fillvalue=fill)
+                table.select_hyperslab((start, *zeros), (b - a, *row_shape))
+                shard.select_hyperslab((a, *zeros), (b - a, *row_shape))
+                dcpl.set_virtual(table, source, column.encode(), shard)
+                start += b - a
+        h5py.h5d.create(f.id, column.encode(), h5py.h5t.py_create(np.dtype(dtype), logical=1),
+                        h5py.h5s.create_simple((n, *row_shape),
+                                               (h5py.h5s.UNLIMITED, *row_shape)), dcpl=dcpl)
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:

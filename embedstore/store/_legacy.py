@@ -54,9 +54,7 @@ def import_store(path: Path, writer: "StoreWriter") -> None:
                            labels[a:min(a + COPY_BLOCK_ROWS, stop)],
                            views[a:min(a + COPY_BLOCK_ROWS, stop)])
                       for a in range(start, stop, COPY_BLOCK_ROWS))
-            writer._add_shard(blocks, stop - start, width)
-        for p, s in zip(paths, sha):
-            writer._note(p, s)
+            writer._add_shard(blocks, stop - start, width)  # indexes its rows too
         g = f["failures"]
         for p, s, r in zip(strings(g["paths"]), strings(g["sha256"]), strings(g["reasons"])):
             writer.index.failures[p] = (s, r)

@@ -11,6 +11,7 @@ import numpy as np
 
 from embedstore.store._format import atomic_h5, set_backbone_attrs
 from embedstore.store._index import SHA_WIDTH, Shard
+from embedstore.store._rowindex import shard_keys
 
 
 @dataclass
@@ -36,7 +37,7 @@ def write_shard(directory: Path, seq: int, backbone: dict, blocks: Iterable[Rows
     """Stream `blocks` (n_rows in all) into a new shard file; return its index entry."""
     dim = int(backbone["dim"])
     path = directory / shard_name(seq)
-    with atomic_h5(path, n_rows * (dim * 4 + path_width + SHA_WIDTH + 6)) as f:
+    with atomic_h5(path, n_rows * (dim * 4 + path_width + SHA_WIDTH + 22)) as f:
         set_backbone_attrs(f, backbone)
         f.attrs["seq"] = seq
         # contiguous, not chunked: a shard never grows, and readers map it into memory,
@@ -46,11 +47,15 @@ def write_shard(directory: Path, seq: int, backbone: dict, blocks: Iterable[Rows
               "sha256": f.create_dataset("sha256", shape=(n_rows,), dtype=f"S{SHA_WIDTH}"),
               "labels": f.create_dataset("labels", shape=(n_rows,), dtype=np.int32),
               "views": f.create_dataset("views", shape=(n_rows,), dtype=np.int16)}
+        # the writer's lookup keys of each row (see _rowindex): a writer opening the store
+        # reads these 16 bytes a row instead of every path and hash
+        keys = f.create_dataset("keys", shape=(n_rows, 2), dtype=np.uint64)
         at = 0
         for block in blocks:
             end = at + len(block)
             for name, d in ds.items():
                 d[at:end] = getattr(block, name)
+            keys[at:end] = shard_keys(block.sha256, block.paths)
             at = end
         if at != n_rows:
             raise AssertionError(f"shard {path}: wrote {at} rows of {n_rows}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attr
                                       fixed, open_h5, parts_dir, quarantine_dir, real_path)
 from embedstore.store._index import SHA_WIDTH, Index, Shard, read_index, write_index
 from embedstore.store._lock import acquire_lock, release_lock
+from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
 from embedstore.store._shard import Rows, write_shard
 from embedstore.store.reader import gather, vectors_of
 
@@ -55,14 +57,6 @@ class PendingRows:
         return len(self.paths) + len(self.copies) + len(self.failures) + len(self.removed)
 
 
-def _loc(seq: int, row: int) -> int:
-    return (seq << 32) | row
-
-
-def _unloc(loc: int) -> tuple[int, int]:
-    return loc >> 32, loc & 0xFFFFFFFF
-
-
 class StoreWriter:
     """The single writer of a store: commit shards, fold them, release the lock.
 
@@ -70,6 +64,11 @@ class StoreWriter:
     embedded (in the store or added to this writer), which is how a re-run
     skips inference. Opening a writer also finishes what a killed writer left:
     temp files are removed, format-1 parts replayed, a format-1 store upgraded.
+
+    Committed rows are found through a RowIndex (about 32 bytes a row, see
+    _rowindex); only what was added since the last commit is held in dicts.
+    Lookups may come from decode threads while the main thread commits, so
+    both take one lock.
     """
 
     def __init__(self, path: str | Path, backbone: dict):
@@ -77,6 +76,8 @@ class StoreWriter:
         self._real = real_path(self.path)  # locked and replaced: a symlink stays a symlink
         self.backbone = backbone
         self._real.parent.mkdir(parents=True, exist_ok=True)
+        self._mutex = threading.RLock()
+        self._where: RowIndex | None = None
         self._lock_fd: int | None = acquire_lock(self._real)
         try:
             self._parts = parts_dir(self._real)
@@ -104,6 +105,8 @@ class StoreWriter:
         return False
 
     def release(self) -> None:
+        if self._where is not None:
+            self._where.close()
         if self._lock_fd is not None:
             release_lock(self._lock_fd, self._real)
             self._lock_fd = None
@@ -137,7 +140,7 @@ class StoreWriter:
                 raise StoreError(str(exc)) from None
 
     def _load(self) -> None:
-        """Read the committed state: index, and paths/hashes/views of every live row."""
+        """Read the committed state: the index, and the lookup keys of every live row."""
         self.index = Index(self._parts.name, [], [], {}, 0, 1)
         self._format1 = False
         if self._real.exists():
@@ -149,38 +152,19 @@ class StoreWriter:
                     self.index = read_index(f)
         self._shard_dir = self._real.parent / self.index.parts_name
         self._class_index = {c: i for i, c in enumerate(self.index.classes)}
-        self._rows: dict[str, tuple[str, dict[int, int]]] = {}  # path -> (sha, {view: loc})
-        self.path_sha: dict[str, str] = {}
-        self.sha_paths: dict[str, list[str]] = {}
         self.failed: dict[str, str] = {p: s for p, (s, _) in self.index.failures.items()}
-        bad = []
-        for shard in self.index.shards:
-            try:
-                self._load_shard(shard)
-            except (OSError, KeyError, ValueError) as exc:
-                bad.append((shard, exc))
+        self._added: dict[str, str | None] = {}  # path -> sha since the last commit; None: gone
+        self._added_sha: dict[str, list[str]] = {}  # sha -> paths added since the last commit
+        if self._where is not None:
+            self._where.close()
+        self._where = RowIndex(self._shard_dir)
+        bad = self._where.load(self.index.shards, int(self.backbone["dim"]))
         if bad:
             for shard, exc in bad:
                 self._quarantine(self._shard_dir / shard.name, exc)
                 self.index.shards.remove(shard)
             write_index(self._real, self.backbone, self.index)
-            self._load()  # the quarantined rows are gone: rebuild the maps without them
-
-    def _load_shard(self, shard: Shard) -> None:
-        with h5py.File(self._shard_dir / shard.name, "r") as f:
-            if f["embeddings"].shape != (shard.rows, int(self.backbone["dim"])):
-                raise ValueError(f"{f['embeddings'].shape} rows, the index says {shard.rows}")
-            live = shard.live()
-            paths = decode(f["paths"][()][live])
-            sha = decode(f["sha256"][()][live])
-            views = f["views"][()][live]
-        for row, p, s, v in zip(live.tolist(), paths, sha, views.tolist()):
-            entry = self._rows.get(p)
-            if entry is None:
-                entry = self._rows[p] = (s, {})
-                self.path_sha[p] = s
-                self.sha_paths.setdefault(s, []).append(p)
-            entry[1][v] = _loc(shard.seq, row)
+            self._load()  # the quarantined rows are gone: rebuild the lookups without them
 
     def _quarantine(self, file: Path, why) -> None:
         """Move an unusable shard or part aside and say so in one line; the run goes on."""
@@ -231,24 +215,60 @@ class StoreWriter:
                 p.unlink()
 
     # what is known -------------------------------------------------------------------
-    @property
-    def known_sha(self):
-        return self.sha_paths.keys()
-
     def known(self, sha: str) -> bool:
-        return sha in self.sha_paths
+        """Whether content `sha` is embedded: committed, or added since the last commit."""
+        with self._mutex:
+            return sha in self._added_sha or bool(self._where.rows_of_sha(sha))
 
     def failed_before(self, path: str, sha: str) -> bool:
         return self.failed.get(path) == sha
 
+    def sha_of(self, path: str) -> str | None:
+        """The content hash `path` has rows for now (counting what is not committed yet)."""
+        with self._mutex:
+            if path in self._added:
+                return self._added[path]
+            rows = self._where.rows_of_path(path)
+            return self._where.sha_at(rows[0]) if rows else None
+
+    def paths_of(self, sha: str) -> list[str]:
+        """Paths that hold or were given content `sha` (some may since have changed)."""
+        with self._mutex:
+            paths = dict.fromkeys(self._added_sha.get(sha, []))
+            paths.update(dict.fromkeys(self._where.path_at(at)
+                                       for at in self._where.rows_of_sha(sha)))
+            return list(paths)
+
+    @property
+    def path_sha(self) -> "_Lookup":
+        """path -> sha, as a read-only mapping with `get` and `in` (extract's interface)."""
+        return _Lookup(self.sha_of)
+
+    @property
+    def sha_paths(self) -> "_Lookup":
+        """sha -> the paths of paths_of(sha), with `get` and `in`."""
+        return _Lookup(lambda sha: self.paths_of(sha) or None)
+
     def paths(self) -> set[str]:
-        """Every path the store has rows or a failure for."""
-        return set(self.path_sha) | set(self.failed)
+        """Every path the store has rows or a failure for (built on demand, e.g. for --prune)."""
+        with self._mutex:
+            paths = {p for column in self._where.live_column("paths") for p in decode(column)}
+            for path, sha in self._added.items():
+                (paths.add if sha is not None else paths.discard)(path)
+            return paths | set(self.failed)
+
+    def known_digests(self) -> np.ndarray:
+        """Every known content hash, sorted and unique, as S64 (a compact shared lookup)."""
+        with self._mutex:
+            parts = list(self._where.live_column("sha256"))
+            parts.append(np.array(list(self._added_sha), dtype="S64"))
+            return np.unique(np.concatenate(parts).astype("S64"))
 
     def has_row(self, path: str, sha: str, view: int = 0) -> bool:
         """Whether a committed row holds this path, content and view."""
-        entry = self._rows.get(path)
-        return entry is not None and entry[0] == sha and view in entry[1]
+        with self._mutex:
+            return any(self._where.sha_at(at) == sha and self._where.view_at(at) == view
+                       for at in self._where.rows_of_path(path))
 
     # adding --------------------------------------------------------------------------
     def add(self, embeddings: np.ndarray, paths, sha256, labels, views=None) -> None:
@@ -267,39 +287,48 @@ class StoreWriter:
             embeddings, paths, sha256, labels, views = (
                 embeddings[keep], [paths[i] for i in keep], [sha256[i] for i in keep],
                 [labels[i] for i in keep], [views[i] for i in keep])
-        self.pending.embeddings.append(embeddings)
-        self.pending.paths += list(paths)
-        self.pending.sha256 += list(sha256)
-        self.pending.labels += [lab or "" for lab in labels]
-        self.pending.views += views
-        for p, s in zip(paths, sha256):
-            self._note(p, s)
+        with self._mutex:
+            self.pending.embeddings.append(embeddings)
+            self.pending.paths += list(paths)
+            self.pending.sha256 += list(sha256)
+            self.pending.labels += [lab or "" for lab in labels]
+            self.pending.views += views
+            for p, s in zip(paths, sha256):
+                self._note(p, s)
 
     def add_copy(self, path: str, sha: str, label: str | None) -> None:
         """`path` holds content already embedded elsewhere: reuse, do not re-run."""
-        self.pending.copies.append((path, sha, label or ""))
-        self._note(path, sha)
+        with self._mutex:
+            self.pending.copies.append((path, sha, label or ""))
+            self._note(path, sha)
 
     def add_failure(self, path: str, sha: str | None, reason: str) -> None:
-        self.pending.failures.append((path, sha or "", reason))
-        self.failed[path] = sha or ""
+        """`path` could not be embedded; its committed rows go (rows added since stay:
+        a commit applies failures before new rows)."""
+        with self._mutex:
+            self.pending.failures.append((path, sha or "", reason))
+            self.failed[path] = sha or ""
+            if self._added.get(path) is None:
+                self._added[path] = None
 
     def remove(self, path: str) -> None:
         """Forget `path`: its rows and any failure recorded for it."""
-        self.pending.removed.append(path)
-        self.path_sha.pop(path, None)
-        self.failed.pop(path, None)
+        with self._mutex:
+            self.pending.removed.append(path)
+            self._added[path] = None
+            self.failed.pop(path, None)
 
     def _note(self, path: str, sha: str) -> None:
-        self.path_sha[path] = sha
-        self.sha_paths.setdefault(sha, []).append(path)
+        self._added[path] = sha
+        self._added_sha.setdefault(sha, []).append(path)
         self.failed.pop(path, None)
 
     # committing ----------------------------------------------------------------------
     def commit(self) -> None:
         """Write what is pending as one shard and a new index; it survives any crash from now on."""
-        if len(self.pending):
-            self._commit()
+        with self._mutex:
+            if len(self.pending):
+                self._commit()
 
     def _commit(self, force_index: bool = False) -> None:
         try:
@@ -308,11 +337,12 @@ class StoreWriter:
                 dropped = self._drop_empty_shards() + self._fold(FOLD_ROWS)
                 self._publish(dropped)
         except BaseException:
-            pending = self.pending
+            pending, added, added_sha = self.pending, self._added, self._added_sha
             self._load()  # back to what is on disk; the batch stays pending
-            self.pending = pending
+            self.pending, self._added, self._added_sha = pending, added, added_sha
             raise
         self.pending = PendingRows()
+        self._added, self._added_sha = {}, {}  # the new shard's rows are indexed now
 
     def _publish(self, dropped: list[Shard]) -> None:
         """The commit point: replace the index, then delete the shards it no longer names."""
@@ -325,7 +355,10 @@ class StoreWriter:
         p, batch = self.pending, _Batch()
         if not len(p):
             return False
-        self._tombstoned: dict[str, dict[int, int]] = {}  # sha -> {view: loc} dropped now
+        self._tombstoned: dict[str, dict[int, int]] = {}  # sha -> {view: location} dropped now
+        # one vectorised pass finds the few new paths that may replace committed rows
+        self._maybe_committed = self._where.may_have_paths(
+            list(dict.fromkeys(p.paths + [path for path, _, _ in p.copies])))
         for path in p.removed:
             self._tombstone(path)
             self.index.failures.pop(path, None)
@@ -344,26 +377,23 @@ class StoreWriter:
         return True
 
     def _tombstone(self, path: str, view: int | None = None) -> None:
-        entry = self._rows.get(path)
-        if entry is None:
-            return
-        views = list(entry[1]) if view is None else [view]
-        for v in views:
-            loc = entry[1].pop(v)
-            self._tombstoned.setdefault(entry[0], {})[v] = loc  # still readable: a rename's copy
-            seq, row = _unloc(loc)
-            self._shard(seq).dead.add(row)
-        if not entry[1]:
-            del self._rows[path]
+        """Drop the committed rows of `path` (of one view, if given) from the live set."""
+        where = self._where
+        for at in where.rows_of_path(path):
+            v = where.view_at(at)
+            if view is None or v == view:
+                # the shard stays until the commit point: a rename's copy can still read it
+                self._tombstoned.setdefault(where.sha_at(at), {})[v] = at
+                where.shards[at >> ROW_BITS].dead.add(at & ROW_MASK)
 
     def _place(self, batch: "_Batch", path: str, sha: str, label: str, view: int,
                source) -> None:
         """One new row; it replaces the path's rows of other content, or of the same view."""
-        entry = self._rows.get(path)
-        if entry is not None:
-            if entry[0] != sha:
+        rows = self._where.rows_of_path(path) if path in self._maybe_committed else []
+        if rows:
+            if self._where.sha_at(rows[0]) != sha:
                 self._tombstone(path)
-            elif view in entry[1]:
+            elif view in {self._where.view_at(at) for at in rows}:
                 self._tombstone(path, view)
         batch.put(path, sha, self._class_of(label), view, source)
         self.index.failures.pop(path, None)
@@ -371,13 +401,10 @@ class StoreWriter:
     def _sources_of(self, batch: "_Batch", sha: str) -> dict:
         """Where the vectors of content `sha` are, per view: this batch, or a committed row."""
         found = dict(batch.by_sha.get(sha, {}))
-        for q in self.sha_paths.get(sha, []):
-            entry = self._rows.get(q)
-            if entry is not None and entry[0] == sha:
-                for v, loc in entry[1].items():
-                    found.setdefault(v, ("loc", loc))
-        for v, loc in self._tombstoned.get(sha, {}).items():
-            found.setdefault(v, ("loc", loc))
+        for at in self._where.rows_of_sha(sha):
+            found.setdefault(self._where.view_at(at), ("loc", at))
+        for v, at in self._tombstoned.get(sha, {}).items():
+            found.setdefault(v, ("loc", at))
         return found
 
     def _class_of(self, label: str) -> int:
@@ -387,9 +414,6 @@ class StoreWriter:
             self._class_index[label] = len(self.index.classes)
             self.index.classes.append(label)
         return self._class_index[label]
-
-    def _shard(self, seq: int) -> Shard:
-        return next(s for s in self.index.shards if s.seq == seq)
 
     def _next_seq(self) -> int:
         seq = self.index.next_seq
@@ -413,30 +437,23 @@ class StoreWriter:
         self._add_shard([block], len(block), block.paths.dtype.itemsize)
 
     def _add_shard(self, blocks, n_rows: int, path_width: int) -> Shard:
-        """Write a shard of `blocks` and record where its rows live now."""
+        """Write a shard of `blocks` and index its rows (found from now on)."""
         self._shard_dir.mkdir(exist_ok=True)
         shard = write_shard(self._shard_dir, self._next_seq(), self.backbone, blocks, n_rows,
                             path_width)
         self.index.shards.append(shard)
-        with h5py.File(self._shard_dir / shard.name, "r") as f:
-            paths, sha, views = (decode(f["paths"][()]), decode(f["sha256"][()]),
-                                 f["views"][()].tolist())
-        for row, (p, s, v) in enumerate(zip(paths, sha, views)):
-            entry = self._rows.get(p)
-            if entry is None or entry[0] != s:
-                entry = self._rows[p] = (s, {})
-            entry[1][v] = _loc(shard.seq, row)
+        self._where.add(shard, int(self.backbone["dim"]))
         return shard
 
     def _read_locs(self, locs: np.ndarray) -> np.ndarray:
         """Vectors of committed rows, in the order of `locs`."""
         out = np.empty((len(locs), int(self.backbone["dim"])), np.float32)
-        seqs = locs >> 32
+        seqs = locs >> ROW_BITS
         for seq in np.unique(seqs):
             at = np.flatnonzero(seqs == seq)
-            rows = locs[at] & 0xFFFFFFFF
+            rows = locs[at] & ROW_MASK
             order = np.argsort(rows)
-            with h5py.File(self._shard_dir / self._shard(int(seq)).name, "r") as f:
+            with h5py.File(self._shard_dir / self._where.shards[int(seq)].name, "r") as f:
                 out[at[order]] = gather(vectors_of(f), rows[order])
         return out
 
@@ -444,6 +461,7 @@ class StoreWriter:
     def _drop_empty_shards(self) -> list[Shard]:
         empty = [s for s in self.index.shards if s.n_live == 0]
         self.index.shards = [s for s in self.index.shards if s.n_live > 0]
+        self._where.retire(empty)
         return empty
 
     def _fold(self, target_rows: int, dead_fraction: float = 1.0, always: bool = False
@@ -471,6 +489,7 @@ class StoreWriter:
                             max(s.path_width for s in shards))
         replaced = {s.seq for s in group}
         self.index.shards = [s for s in self.index.shards if s.seq not in replaced]
+        self._where.retire(group)
         return group
 
     def _live_blocks(self, shards: list[Shard]):
@@ -486,11 +505,12 @@ class StoreWriter:
 
     def compact(self, target_rows: int) -> dict:
         """Fold every shard smaller than `target_rows` or more than a quarter tombstoned."""
-        self.commit()
-        before = len(self.index.shards)
-        dropped = self._drop_empty_shards() + self._fold(target_rows, 0.25, always=True)
-        if dropped:
-            self._publish(dropped)
+        with self._mutex:
+            self.commit()
+            before = len(self.index.shards)
+            dropped = self._drop_empty_shards() + self._fold(target_rows, 0.25, always=True)
+            if dropped:
+                self._publish(dropped)
         return {"shards_before": before, "shards_after": len(self.index.shards),
                 "rows_rewritten": sum(s.n_live for s in dropped)}
 
@@ -531,3 +551,16 @@ class _Batch:
     def kept(self) -> list:
         return [r for r, keep in zip(self.rows, self.kept_flags) if keep]
 
+
+class _Lookup:
+    """A read-only mapping over a lookup function (None: absent): `get` and `in`."""
+
+    def __init__(self, find):
+        self._find = find
+
+    def get(self, key: str, default=None):
+        found = self._find(key)
+        return default if found is None else found
+
+    def __contains__(self, key: str) -> bool:
+        return self._find(key) is not None
