@@ -692,7 +692,8 @@ def export_cmd(head_dir, out, fmt, backbone_name) -> None:
 @click.option("--unfreeze-from", "block", default="14", show_default=True,
               help="First block to train: 1..18 for mobilenet_v2, a layer name for keras: "
                    "backbones; 0 trains the whole network from pixels (slow on CPU).")
-@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", type=click.IntRange(1),
+              help="[default: 3, or more for a small set, to reach 150 training steps]")
 @click.option("--learning-rate", default=1e-3, show_default=True,
               type=click.FloatRange(0, min_open=True),
               help="Peak of the warm-up + cosine schedule (AdamW).")
@@ -701,7 +702,8 @@ def export_cmd(head_dir, out, fmt, backbone_name) -> None:
               help="flip: random horizontal flips of the cached maps (from pixels: flip, "
                    "rotation and zoom).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(1),
-              help="Epochs without hold-out improvement before stopping early.")
+              help="Epochs without hold-out improvement before stopping early (scaled "
+                   "up with the epochs given to a small set).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Where the activation cache lives [default: STORE.activations/BLOCK-FP].")
 @click.option("--guard/--no-guard", default=True, show_default=True,

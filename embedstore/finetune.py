@@ -47,6 +47,8 @@ from embedstore.train import train
 
 DEFAULT_BLOCK = 14
 DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_EPOCHS = 3  # the issue's anchor: 3 epochs of 60k images
+MIN_STEPS = 150  # unless --epochs is given, small sets get more epochs to reach this
 CHUNK_IMAGES = 256
 SHUFFLE_ROWS = 2048  # rows in the shuffle buffer: bounds training memory
 HOLDOUT_FRACTION = 0.1
@@ -93,7 +95,7 @@ def _log_default(message: str) -> None:
 
 
 def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | None = None,
-             unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int = 3,
+             unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int | None = None,
              learning_rate: float = DEFAULT_LEARNING_RATE, batch_size: int = 64,
              augment: str = "flip", patience: int = 2, cache_dir: str | Path | None = None,
              log: Callable[[str], None] = _log_default,
@@ -101,8 +103,9 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report.
 
     backbone_name: the head's backbone as the user names it (required for a
-    hub: SavedModel, see backbones.reference). guard=False adopts the tuned
-    weights even when the hold-out does not show them better.
+    hub: SavedModel, see backbones.reference). epochs=None: see _auto_epochs.
+    guard=False adopts the tuned weights even when the hold-out does not show
+    them better.
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
@@ -163,7 +166,10 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
         make = lambda idx, shuffle: _cache_dataset(cache, label_of(idx), len(classes),  # noqa
                                                    batch_size, shuffle,
                                                    augment == "flip" and shuffle)
-    steps = max(1, math.ceil(len(fit_rows) / batch_size)) * epochs
+    per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
+    if epochs is None:
+        epochs, patience = _auto_epochs(per_epoch, patience, log)
+    steps = per_epoch * epochs
     history = _fit(model, make(fit_rows, True), make(hold_rows, False), steps, learning_rate,
                    epochs, patience, manifest.seed, log)
     _recalibrate_batchnorm(top, make(fit_rows, True))
@@ -206,7 +212,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
 
     report = {
         "head_dir": str(Path(head_dir).resolve()), "store": store, "out_dir": str(out.resolve()),
-        "block": block_name, "epochs_run": len(history.epoch),
+        "block": block_name, "epochs": epochs, "epochs_run": len(history.epoch),
         "kept_original_weights": not adopted, "guard": {"enabled": guard, **verdict},
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
         "head": manifest.head, "n_fit": len(fit_rows), "n_holdout": len(hold_rows), "n_val": int(len(val_rows)),
@@ -453,6 +459,20 @@ def _recalibrate_batchnorm(model, dataset, max_rows: int = RECALIBRATION_ROWS) -
             break
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
+
+
+def _auto_epochs(steps_per_epoch: int, patience: int, log) -> tuple[int, int]:
+    """3 epochs, or as many as reach MIN_STEPS updates (patience scaled alike).
+
+    3 epochs of a small set are a few dozen steps: on 900 Fashion-MNIST images 3 epochs
+    (42 steps) gained 1.6 points over frozen, 10 (140 steps) 4.5, 20 (280 steps) 3.2.
+    """
+    epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
+    if epochs > DEFAULT_EPOCHS:
+        patience = max(patience, round(patience * epochs / DEFAULT_EPOCHS))
+        log(f"a small set: {epochs} epochs of {steps_per_epoch} steps (at least {MIN_STEPS} "
+            f"steps), patience {patience}")
+    return epochs, patience
 
 
 def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
