@@ -77,7 +77,8 @@ def one_size(work: Path, n_train: int, test_store: Path, test_images: Path) -> d
     images = work / f"train{n_train}"
     if not images.is_dir():
         write_pngs(images, "train", n_train // 10)
-    store, head, tuned_dir = work / f"train{n_train}.h5", work / f"head{n_train}", work / f"tuned{n_train}"
+    store, head = work / f"train{n_train}.h5", work / f"head{n_train}"
+    tuned_dir = work / f"tuned{n_train}"
     start = time.perf_counter()
     extract(images, store)
     extract_s = time.perf_counter() - start
