@@ -163,6 +163,23 @@ def test_second_run_reuses_the_cache_without_images(tuned):
     assert "caching block inputs" not in result.stderr
 
 
+def test_block_0_trains_the_whole_network_from_pixels(tuned, backbone):
+    out = tuned["work"] / "out-pixels"
+    result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(out), "--images",
+                                      str(tuned["images"]), "--unfreeze-from", "0",
+                                      "--epochs", "1", "--no-guard", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "from pixels: on a CPU this is slow" in result.stderr
+    assert json.loads(result.stdout)["cache"] is None  # no activation cache
+    tuned_backbone = load_backbone(str(out / "backbone"))
+    layer = "features_0_conv"  # the stem trained too
+    assert not np.allclose(tuned_backbone.model.get_layer(layer).get_weights()[0],
+                           backbone.model.get_layer(layer).get_weights()[0])
+    with open_store(tuned["store"]) as a, open_store(out / "store.h5") as b:
+        assert sorted(b.paths) == sorted(a.paths)
+        assert b.backbone["fingerprint"] == tuned_backbone.fingerprint
+
+
 def test_changed_and_missing_images_are_reported_and_left_out(tuned):
     images = tuned["work"] / "images-edited"
     shutil.copytree(tuned["images"], images)
@@ -185,6 +202,7 @@ def test_changed_and_missing_images_are_reported_and_left_out(tuned):
 
 @pytest.mark.parametrize("args, message", [
     (["--unfreeze-from", "19"], "valid blocks: 1..18"),
+    (["--unfreeze-from", "-1"], "valid blocks: 1..18"),
     (["--unfreeze-from", "nonsense_layer"], "has no layer 'nonsense_layer'"),
     (["--cache-dir", "{work}/empty-cache"], "give --images"),
 ])
