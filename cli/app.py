@@ -717,8 +717,8 @@ def finetune_cmd(head_dir, out_dir, images, block, epochs, learning_rate, batch_
 
     The frozen bottom runs once over the store's images into an activation
     cache (reused by later runs with the same block); the top blocks and a
-    softmax head initialised from HEAD_DIR train on it, early-stopping on a
-    hold-out of the training rows. The tuned weights are kept only if the head
+    fresh softmax layer train on it, early-stopping on a hold-out of the
+    training rows. The tuned weights are kept only if the head
     retrained on them is significantly better on that hold-out (else the
     original weights are, and the report says why). OUT_DIR gets backbone/
     (use it with --backbone), store.h5 (rebuilt from the cache), head/ (the

@@ -463,7 +463,7 @@ def _auto_epochs(steps_per_epoch: int, patience: int, log) -> tuple[int, int]:
     """3 epochs, or as many as reach MIN_STEPS updates (patience scaled alike).
 
     3 epochs of a small set are a few dozen steps: on 900 Fashion-MNIST images 3 epochs
-    (42 steps) gained 1.6 points over frozen, 10 (140 steps) 4.5, 20 (280 steps) 3.2.
+    (45 steps) gained 1.6 points over frozen, 10 (150 steps) 4.5, 20 (300 steps) 3.2.
     """
     epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
     if epochs > DEFAULT_EPOCHS:
