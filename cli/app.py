@@ -702,35 +702,44 @@ def export_cmd(head_dir, out, fmt, backbone_name) -> None:
 @click.option("--unfreeze-from", "block", default="14", show_default=True,
               help="First block to train: 1..18 for mobilenet_v2, a layer name for keras: "
                    "backbones; 0 trains the whole network from pixels (slow on CPU).")
-@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--learning-rate", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--epochs", type=click.IntRange(1),
+              help="[default: 3, or more for a small set, to reach 150 training steps]")
+@click.option("--learning-rate", default=1e-3, show_default=True,
+              type=click.FloatRange(0, min_open=True),
               help="Peak of the warm-up + cosine schedule (AdamW).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--augment", default="flip", show_default=True, type=click.Choice(["flip", "none"]),
               help="flip: random horizontal flips of the cached maps (from pixels: flip, "
                    "rotation and zoom).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(1),
-              help="Epochs without hold-out improvement before stopping early.")
+              help="Epochs without hold-out improvement before stopping early (scaled "
+                   "up with the epochs given to a small set).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Where the activation cache lives [default: STORE.activations/BLOCK-FP].")
+@click.option("--guard/--no-guard", default=True, show_default=True,
+              help="Keep the original weights unless the retrained head is significantly "
+                   "better on a hold-out of the training images (--no-guard: always adopt).")
 @click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def finetune_cmd(head_dir, out_dir, images, block, epochs, learning_rate, batch_size, augment,
-                 patience, cache_dir, backbone_name, as_json) -> None:
+                 patience, cache_dir, guard, backbone_name, as_json) -> None:
     """Fine-tune the top of the backbone of the head in HEAD_DIR; rebuild store and head.
 
     The frozen bottom runs once over the store's images into an activation
     cache (reused by later runs with the same block); the top blocks and a
-    softmax head initialised from HEAD_DIR train on it, early-stopping on a
-    hold-out of the training rows. OUT_DIR gets backbone/ (use it with
-    --backbone), store.h5 (rebuilt from the cache), head/ (the same head type
-    retrained) and report.json. The original store and head are only read.
+    fresh softmax layer train on it, early-stopping on a hold-out of the
+    training rows. The tuned weights are kept only if the head
+    retrained on them is significantly better on that hold-out (else the
+    original weights are, and the report says why). OUT_DIR gets backbone/
+    (use it with --backbone), store.h5 (rebuilt from the cache), head/ (the
+    same head type retrained) and report.json. The original store and head
+    are only read.
     """
     from embedstore.finetune import finetune
 
     report = finetune(head_dir, out_dir, images=images, unfreeze_from=block, epochs=epochs,
                       learning_rate=learning_rate, batch_size=batch_size, augment=augment,
-                      patience=patience, cache_dir=cache_dir,
+                      patience=patience, cache_dir=cache_dir, guard=guard,
                       log=lambda line: click.echo(line, err=True), backbone_name=backbone_name)
     if as_json:
         _json_out(report)
@@ -739,6 +748,8 @@ def finetune_cmd(head_dir, out_dir, images, block, epochs, learning_rate, batch_
     click.echo(f"{'':<10}{'val_acc':>9}{'val_f1':>9}")
     click.echo(f"{'before':<10}{b['val_accuracy']:>9.4f}{b['val_macro_f1']:>9.4f}")
     click.echo(f"{'after':<10}{a['val_accuracy']:>9.4f}{a['val_macro_f1']:>9.4f}")
+    click.echo("weights: " + ("original (the tuned ones were not significantly better on the "
+                              "hold-out)" if report["kept_original_weights"] else "tuned"))
     click.echo("seconds: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}"
                                        for k, v in report["timings"].items()))
     for p in report["left_out"][:10]:

@@ -29,7 +29,7 @@ def _find(model, layer_name: str):
 
 def entry_layer_name(model, block: str | int) -> str:
     """The layer whose input is the cut for BLOCK (a port number or a layer name)."""
-    if is_port(model) and str(block).isdigit():
+    if is_port(model) and str(block).lstrip("-").isdigit():  # -1 is out of range, not a name
         if int(block) not in port_blocks():
             raise BackboneError(f"block {block} is out of range; valid blocks: "
                                 f"{port_blocks()[0]}..{port_blocks()[-1]} (0 = from pixels)")
