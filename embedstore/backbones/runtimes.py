@@ -117,7 +117,7 @@ class TFLiteRunner:
 
     One single-threaded interpreter per core, each fed one image per invoke,
     a batch split between them: on this 2-core CPU two 1-thread interpreters
-    embed ~430 img/s where one 2-thread interpreter manages ~350 (XNNPACK's
+    embed ~415 img/s where one 2-thread interpreter manages 220-370 (XNNPACK's
     threads wait for each other on every layer) and batches above 1 are
     slower still (BENCHMARKS.md). `invoke` releases the GIL, so plain threads
     run the interpreters in parallel; each interpreter is only ever used by
