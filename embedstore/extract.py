@@ -116,7 +116,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
         def embed(batch: list) -> None:
             nonlocal since_commit
             clock = time.perf_counter()
-            vectors = backbone.embed(resizer.batch([item.image for _, item in batch]))
+            vectors = backbone.embed([item.image for _, item in batch])
             state.stages["infer"] += time.perf_counter() - clock
             clock = time.perf_counter()
             start = 0

@@ -96,7 +96,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         nonlocal built
         built = built or load_referenced(manifest.backbone, named,  # loaded only when needed
                                          Path(head_dir) / MANIFEST, runtime)
-        emb = built.embed(resizer.batch([it.image for it in pending]))
+        emb = built.embed([it.image for it in pending])
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()
         score()

@@ -67,6 +67,17 @@ def test_tflite_embeddings_match_keras_on_real_images(tflite_backbone, backbone,
     assert np.abs(fast - ref).max() <= 1e-4
 
 
+def test_a_list_of_resized_images_embeds_as_the_stacked_batch(tflite_backbone):
+    """extract hands the runtime its images unstacked, grey ones as broadcast views."""
+    resizer = Resizer(224, 0.875)
+    files = sorted(SAMPLE.glob("*/*.png"))[::40]
+    images = [resizer.early(decode_image(f.read_bytes())) for f in files]
+    assert any(not img.flags.c_contiguous for img in images)  # a grey view is among them
+    stacked = tflite_backbone.embed(np.stack(images))
+    np.testing.assert_array_equal(tflite_backbone.embed(images), stacked)
+    np.testing.assert_array_equal(tflite_backbone.embed(images[:1]), stacked[:1])
+
+
 def test_the_cached_conversion_is_reused(tflite_backbone, monkeypatch):
     def no_conversion(*args):
         raise AssertionError("the cached .tflite should have been used")

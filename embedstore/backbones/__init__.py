@@ -78,9 +78,16 @@ class Backbone:
         return {"input_size": self.input_size, "crop_fraction": self.crop_fraction,
                 "preprocessing": self.preprocessing, "dim": self.dim}
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) float pixels in [0, 255] -> (B, dim) float32 embeddings."""
-        return np.asarray(self._embed(np.asarray(pixels, dtype=np.float32)))
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """(B, S, S, 3) float pixels in [0, 255] -> (B, dim) float32 embeddings.
+
+        A list of B (S, S, 3) float32 images is taken too: the TFLite and int8
+        runtimes copy each into their input directly, where stacking them first
+        cost extraction of small images ~14% of its time.
+        """
+        if self.runtime == "keras" or not isinstance(pixels, list):
+            pixels = np.asarray(pixels, dtype=np.float32)  # stacks a list
+        return np.asarray(self._embed(pixels))
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         if self.classifier is None:

@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -70,8 +71,8 @@ class OpenVINORunner:
         self._queue = ov.AsyncInferQueue(compiled)
         self._lock = threading.Lock()
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels, dtype=np.float32)
+    def __call__(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Pixels as one (B, S, S, 3) array or as B (S, S, 3) float32 images."""
         out = np.empty((len(pixels), self.dim), np.float32)
 
         def done(request, i: int) -> None:
@@ -80,7 +81,7 @@ class OpenVINORunner:
         with self._lock:
             self._queue.set_callback(done)
             for i in range(len(pixels)):
-                self._queue.start_async({0: pixels[i:i + 1]}, i)
+                self._queue.start_async({0: np.ascontiguousarray(pixels[i], np.float32)[None]}, i)
             self._queue.wait_all()
         return out
 

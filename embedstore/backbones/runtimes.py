@@ -21,13 +21,14 @@ Runtimes:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class TFLiteRunner:
     """A .tflite embedding model: (B, S, S, 3) float32 pixels -> (B, dim) float32.
 
     One single-threaded interpreter per core, each fed one image per invoke,
-    a batch split between them: on this 2-core CPU two 1-thread interpreters
+    taking the next image of the batch as it finishes one: on this 2-core CPU two 1-thread interpreters
     embed ~415 img/s where one 2-thread interpreter manages 220-370 (XNNPACK's
     threads wait for each other on every layer) and batches above 1 are
     slower still (BENCHMARKS.md). `invoke` releases the GIL, so plain threads
@@ -133,24 +134,27 @@ class TFLiteRunner:
         for interpreter in self._interpreters:
             self._free.put(interpreter)
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels, dtype=np.float32)
+    def __call__(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Pixels as one (B, S, S, 3) array or as B (S, S, 3) images: each is copied
+        straight into an interpreter's input, so a list is never stacked."""
         out = np.empty((len(pixels), self.dim), np.float32)
-        parts = [p for p in np.array_split(np.arange(len(pixels)), len(self._interpreters))
-                 if len(p)]
-        if len(parts) == 1:  # no hand-off for a single image
-            self._run(pixels, out)
-        else:
-            for done in [self._pool.submit(self._run, pixels[p[0]:p[-1] + 1], out[p[0]:p[-1] + 1])
-                         for p in parts]:
-                done.result()
+        if len(pixels) == 1:  # no hand-off for a single image
+            self._run(pixels, out, itertools.count())
+            return out
+        # every interpreter takes the next image until none is left: no half of a batch
+        # waits for the other when a decode thread slows one interpreter down
+        indices = itertools.count()  # next() on it is atomic under the GIL
+        workers = [self._pool.submit(self._run, pixels, out, indices)
+                   for _ in range(min(len(pixels), len(self._interpreters)))]
+        for done in workers:
+            done.result()
         return out
 
-    def _run(self, pixels: np.ndarray, out: np.ndarray) -> None:
+    def _run(self, pixels, out: np.ndarray, indices: Iterator[int]) -> None:
         interpreter = self._free.get()  # callers in several threads may share the runner
         try:
-            for i in range(len(pixels)):
-                out[i] = interpreter(pixels[i:i + 1])
+            while (i := next(indices)) < len(pixels):
+                out[i] = interpreter(pixels[i])
         finally:
             self._free.put(interpreter)
 
@@ -169,8 +173,9 @@ class _Interpreter:
             self._interpreter.allocate_tensors()
         self.dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
 
-    def __call__(self, pixel: np.ndarray) -> np.ndarray:
-        self._interpreter.set_tensor(self._input, pixel)
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """One (S, S, 3) image (any layout, e.g. a grey image's broadcast view) -> (dim,)."""
+        self._interpreter.tensor(self._input)()[0] = image  # one copy, into the input itself
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output)[0]
 
