@@ -123,8 +123,9 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Commit to disk after this many new embeddings (the most a crash can lose).")
 @click.option("--workers", type=click.IntRange(1, 64),
-              help="Decode threads [default: one per core; more hide slow storage]; with --engine ray, decode tasks "
-                   "running at once [default: as many as the cluster's free CPUs].")
+              help="Decode threads [default: one per core; more hide slow storage]; with "
+                   "--engine ray, decode tasks running at once [default: as many as the "
+                   "cluster's free CPUs].")
 @click.option("--prune", is_flag=True,
               help="Drop rows (and failures) of files that are no longer under IMAGES.")
 @click.option("--follow-links", is_flag=True,

@@ -116,13 +116,13 @@ def convert_to_tflite(backbone: Backbone, path: Path) -> dict:
 class TFLiteRunner:
     """A .tflite embedding model: (B, S, S, 3) float32 pixels -> (B, dim) float32.
 
-    One single-threaded interpreter per core, each fed one image per invoke,
-    taking the next image of the batch as it finishes one: on this 2-core CPU two 1-thread interpreters
-    embed ~415 img/s where one 2-thread interpreter manages 220-370 (XNNPACK's
-    threads wait for each other on every layer) and batches above 1 are
-    slower still (BENCHMARKS.md). `invoke` releases the GIL, so plain threads
-    run the interpreters in parallel; each interpreter is only ever used by
-    one call at a time.
+    One single-threaded interpreter per core, each fed one image per invoke
+    and taking the next image of the batch as it finishes one: on this 2-core
+    CPU two 1-thread interpreters embed ~415 img/s where one 2-thread
+    interpreter manages 220-370 (XNNPACK's threads wait for each other on
+    every layer) and batches above 1 are slower still (BENCHMARKS.md).
+    `invoke` releases the GIL, so plain threads run the interpreters in
+    parallel; each interpreter is only ever used by one call at a time.
     """
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
