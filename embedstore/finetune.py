@@ -27,9 +27,10 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -109,125 +110,89 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
-    store = manifest.store
-    out = Path(out_dir)
-    _check_out_dir(out, head_dir, store)
-    if manifest.backbone.name.startswith("hub:"):
-        raise FinetuneError(f"the head in {head_dir} uses {manifest.backbone.name}: a "
-                            "TF-Hub model cannot be split into blocks; extract with "
-                            "mobilenet_v2 or a keras: backbone to fine-tune")
-    rows, store_backbone = _read_rows(store)
-    check_same_backbone(manifest.backbone, BackboneRef.from_dict(store_backbone, store),
-                        str(Path(head_dir) / MANIFEST), store,
-                        advice="retrain the head on this store first")
-    backbone = _load_head_backbone(manifest, head_dir, backbone_name)
+    store, out = manifest.store, Path(out_dir)
+    rows, backbone = _checked_inputs(manifest, head_dir, out, backbone_name)
     train_rows, val_rows = _split(rows, manifest.val_fraction, manifest.seed)
     head = load_head(head_dir)
     before = _scores(head, store, val_rows, rows)
-    from_pixels = str(unfreeze_from) == "0"
-
-    start = time.perf_counter()
-    if from_pixels:
-        log("fine-tuning the whole network from pixels: on a CPU this is slow "
-            "(every epoch runs the full backbone forward and backward)")
-        root = _images_root(images, store, None)
-        top, bottom, cache, problems = backbone.model, None, None, []
-        block_name = "0"
-    else:
-        block_name = entry_layer_name(backbone.model, unfreeze_from)
-        bottom, top = split_at(backbone.model, unfreeze_from)
-        cache = ActivationCache(
-            Path(cache_dir) if cache_dir else _default_cache_dir(store, backbone, block_name),
-            {"fingerprint": backbone.fingerprint, "block": block_name,
-             "shape": [int(d) for d in bottom.output.shape[1:]], "dtype": "float16",
-             "store": store})
-        problems = _fill_cache(cache, bottom, backbone, rows, images, store, log)
-    timings["cache_seconds"] = round(time.perf_counter() - start, 2)
-    skipped = {p["sha256"] for p in problems}
+    with _stage(timings, "cache"):
+        source = _training_source(backbone, unfreeze_from, rows, images, store, cache_dir, log)
+    skipped = {p["sha256"] for p in source.problems}
     train_rows = np.array([r for r in train_rows if rows.sha256[r] not in skipped], np.int64)
-
-    start = time.perf_counter()
-    classes = np.asarray(head.classes_)
-    import keras
-
-    # before the model and the datasets exist: their initialisers and shuffle seeds are
-    # drawn from the global seed when they are built, not when training starts
-    keras.utils.set_random_seed(manifest.seed)
     original_weights = backbone.model.get_weights()
-    model = _training_model(top, len(classes), from_pixels, augment)
-    fit_rows, hold_rows = _holdout(rows, train_rows, manifest.seed)
-    label_of = lambda idx: {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r]))  # noqa
-                            for r in idx}
-    if from_pixels:
-        resizer = Resizer(backbone.input_size, backbone.crop_fraction)
-        make = lambda idx, shuffle: _pixel_dataset(root, rows, idx, label_of(idx), resizer,  # noqa
-                                                    len(classes), batch_size, shuffle)
-    else:
-        make = lambda idx, shuffle: _cache_dataset(cache, label_of(idx), len(classes),  # noqa
-                                                   batch_size, shuffle,
-                                                   augment == "flip" and shuffle)
-    per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
-    if epochs is None:
-        epochs, patience = _auto_epochs(per_epoch, patience, log)
-    steps = per_epoch * epochs
-    history = _fit(model, make(fit_rows, True), make(hold_rows, False), steps, learning_rate,
-                   epochs, patience, manifest.seed, log)
-    _recalibrate_batchnorm(top, make(fit_rows, True))
-    timings["train_seconds"] = round(time.perf_counter() - start, 2)
+    with _stage(timings, "train"):
+        training = _train_top(source, rows, train_rows, np.asarray(head.classes_),
+                              manifest.seed, epochs, learning_rate, batch_size, augment,
+                              patience, log)
     peak_rss_mb = _peak_rss_mb()  # the process's peak so far: caching and training
-
-    start = time.perf_counter()
-    tuned = _save_backbone(backbone, out / "backbone")
-    timings["save_seconds"] = round(time.perf_counter() - start, 2)
-
-    start = time.perf_counter()
-    if from_pixels:
-        embeddings = _embed_images(tuned, root, rows, problems)
-    else:
-        tuned_top = split_at(tuned.model, unfreeze_from)[1]
-        embeddings = _embed_cache(cache, tuned_top)
+    with _stage(timings, "save"):
+        tuned = _save_backbone(backbone, out / "backbone")
     new_store = out / "store.h5"
-    _rebuild_store(new_store, tuned, rows, embeddings, problems)
-    timings["rebuild_seconds"] = round(time.perf_counter() - start, 2)
+    with _stage(timings, "rebuild"):
+        _rebuild_store(new_store, tuned, rows, source.embeddings(tuned, rows, unfreeze_from),
+                       source.problems)
+    with _stage(timings, "guard"):
+        verdict = _holdout_verdict(manifest, store, new_store, rows, training.fit_rows,
+                                   training.hold_rows)
+        adopted = verdict["tuned_significantly_better"] or not guard
+        if not adopted:
+            log(_kept_message(verdict))
+            backbone.model.set_weights(original_weights)
+            tuned = _save_backbone(backbone, out / "backbone", kept_original=True)
+            _rebuild_store(new_store, tuned, rows,
+                           _stored_embeddings(store, rows, source.problems), source.problems)
+    with _stage(timings, "head"):
+        # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
+        after = train(new_store, out / "head", head=manifest.head,
+                      val_fraction=manifest.val_fraction, seed=manifest.seed, overwrite=True,
+                      **manifest.params)
 
-    start = time.perf_counter()
-    verdict = _holdout_verdict(manifest, store, new_store, rows, fit_rows, hold_rows)
-    adopted = verdict["tuned_significantly_better"] or not guard
-    if not adopted:
-        log(_kept_message(verdict))
-        backbone.model.set_weights(original_weights)
-        tuned = _save_backbone(backbone, out / "backbone", kept_original=True)
-        _rebuild_store(new_store, tuned, rows, _stored_embeddings(store, rows, problems),
-                       problems)
-    timings["guard_seconds"] = round(time.perf_counter() - start, 2)
-
-    start = time.perf_counter()
-    # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
-    after = train(new_store, out / "head", head=manifest.head, val_fraction=manifest.val_fraction,
-                  seed=manifest.seed, overwrite=True, **manifest.params)
-    timings["head_seconds"] = round(time.perf_counter() - start, 2)
-
+    history = training.history
     report = {
         "head_dir": str(Path(head_dir).resolve()), "store": store, "out_dir": str(out.resolve()),
-        "block": block_name, "epochs": epochs, "epochs_run": len(history.epoch),
+        "block": source.block, "epochs": training.epochs, "epochs_run": len(history.epoch),
         "kept_original_weights": not adopted, "guard": {"enabled": guard, **verdict},
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
-        "head": manifest.head, "n_fit": len(fit_rows), "n_holdout": len(hold_rows),
-        "n_val": int(len(val_rows)),
+        "head": manifest.head, "n_fit": len(training.fit_rows),
+        "n_holdout": len(training.hold_rows), "n_val": int(len(val_rows)),
         "before": before,
         "after": {"val_accuracy": after.get("val_accuracy"),
                   "val_macro_f1": after.get("val_macro_f1")},
         "backbone": {"before": backbone.fingerprint, "after": tuned.fingerprint,
                      "path": str((out / "backbone").resolve())},
-        "left_out": problems, "dropped_augmented_views": rows.dropped_views,
-        "cache": None if cache is None else {"dir": str(cache.dir), "bytes": cache.nbytes()},
+        "left_out": source.problems, "dropped_augmented_views": rows.dropped_views,
+        "cache": None if source.cache is None else {"dir": str(source.cache.dir),
+                                                    "bytes": source.cache.nbytes()},
         "timings": timings, "peak_rss_mb_through_training": peak_rss_mb,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
+@contextmanager
+def _stage(timings: dict, name: str) -> Iterator[None]:
+    """Time a stage of the run into timings[f"{name}_seconds"]."""
+    start = time.perf_counter()
+    yield
+    timings[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
+
+
 # --- inputs --------------------------------------------------------------------------
+
+def _checked_inputs(manifest: HeadManifest, head_dir, out: Path,
+                    backbone_name: str | None) -> tuple[Rows, Backbone]:
+    """The store's rows and the head's backbone, once every input is known to fit."""
+    _check_out_dir(out, head_dir, manifest.store)
+    if manifest.backbone.name.startswith("hub:"):
+        raise FinetuneError(f"the head in {head_dir} uses {manifest.backbone.name}: a "
+                            "TF-Hub model cannot be split into blocks; extract with "
+                            "mobilenet_v2 or a keras: backbone to fine-tune")
+    rows, store_backbone = _read_rows(manifest.store)
+    check_same_backbone(manifest.backbone, BackboneRef.from_dict(store_backbone, manifest.store),
+                        str(Path(head_dir) / MANIFEST), manifest.store,
+                        advice="retrain the head on this store first")
+    return rows, _load_head_backbone(manifest, head_dir, backbone_name)
+
 
 def _check_out_dir(out: Path, head_dir, store: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -287,9 +252,57 @@ def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
         yield expected, item.image
 
 
+# --- what the top trains on ----------------------------------------------------------
+
+@dataclass
+class _Source:
+    """What the top trains on: the activation cache at a block, or pixels (block 0)."""
+
+    block: str  # the block's entry layer name, "0" for pixels
+    top: Any  # the Keras model that trains: blocks >= block
+    resizer: Resizer
+    cache: ActivationCache | None  # None: train from pixels under root
+    root: Path | None
+    problems: list[dict]  # files left out: missing, changed, unreadable
+
+    def dataset(self, rows: Rows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
+                augment: str, shuffle: bool):
+        label_of = {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r])) for r in idx}
+        if self.cache is None:
+            return _pixel_dataset(self.root, rows, idx, label_of, self.resizer, len(classes),
+                                  batch_size, shuffle)
+        return _cache_dataset(self.cache, label_of, len(classes), batch_size, shuffle,
+                              augment == "flip" and shuffle)
+
+    def embeddings(self, tuned: Backbone, rows: Rows, unfreeze_from: int | str):
+        """(sha256s, vectors) chunks of every image through the tuned backbone."""
+        if self.cache is None:
+            return _embed_images(tuned, self.root, rows, self.problems)
+        return _embed_cache(self.cache, split_at(tuned.model, unfreeze_from)[1])
+
+
+def _training_source(backbone: Backbone, unfreeze_from: int | str, rows: Rows, images,
+                     store: str, cache_dir, log) -> _Source:
+    """Block 0: the images themselves; else the activation cache at the block, filled."""
+    resizer = Resizer(backbone.input_size, backbone.crop_fraction)
+    if str(unfreeze_from) == "0":
+        log("fine-tuning the whole network from pixels: on a CPU this is slow "
+            "(every epoch runs the full backbone forward and backward)")
+        return _Source("0", backbone.model, resizer, None, _images_root(images, store, None), [])
+    block = entry_layer_name(backbone.model, unfreeze_from)
+    bottom, top = split_at(backbone.model, unfreeze_from)
+    cache = ActivationCache(
+        Path(cache_dir) if cache_dir else _default_cache_dir(store, backbone, block),
+        {"fingerprint": backbone.fingerprint, "block": block,
+         "shape": [int(d) for d in bottom.output.shape[1:]], "dtype": "float16",
+         "store": store})
+    problems = _fill_cache(cache, bottom, resizer, rows, images, store, log)
+    return _Source(block, top, resizer, cache, None, problems)
+
+
 # --- the activation cache ------------------------------------------------------------
 
-def _fill_cache(cache: ActivationCache, bottom, backbone: Backbone, rows: Rows, images,
+def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Rows, images,
                 store: str, log) -> list[dict]:
     """Cache every image of the store not cached yet; returns the files left out."""
     import tensorflow as tf
@@ -313,7 +326,6 @@ def _fill_cache(cache: ActivationCache, bottom, backbone: Backbone, rows: Rows, 
     root = _images_root(images, store, cache)
     log(f"caching block inputs of {len(todo)} images in {cache.dir} ({len(done)} cached)")
     run = tf.function(lambda x: bottom(x, training=False), autograph=False)
-    resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     new_problems: list[dict] = []
     images_iter = _verified_images(root, rows, todo, resizer, new_problems)
     for chunk in batched(images_iter, CHUNK_IMAGES):
@@ -410,6 +422,36 @@ def _training_model(top, n_classes: int, from_pixels: bool, augment: str):
         x = keras.layers.RandomZoom(0.1, fill_mode="reflect")(x)
     probs = keras.layers.Dense(n_classes, activation="softmax", name="head")(top(x))
     return keras.Model(inputs, probs)
+
+
+@dataclass
+class _Training:
+    history: Any  # keras History
+    epochs: int
+    fit_rows: np.ndarray
+    hold_rows: np.ndarray
+
+
+def _train_top(source: _Source, rows: Rows, train_rows: np.ndarray, classes: np.ndarray,
+               seed: int, epochs: int | None, learning_rate: float, batch_size: int,
+               augment: str, patience: int, log) -> _Training:
+    """Train source.top plus a fresh softmax, then recalibrate its BatchNorm."""
+    import keras
+
+    # before the model and the datasets exist: their initialisers and shuffle seeds are
+    # drawn from the global seed when they are built, not when training starts
+    keras.utils.set_random_seed(seed)
+    model = _training_model(source.top, len(classes), source.cache is None, augment)
+    fit_rows, hold_rows = _holdout(rows, train_rows, seed)
+    make = lambda idx, shuffle: source.dataset(rows, idx, classes, batch_size,  # noqa: E731
+                                               augment, shuffle)
+    per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
+    if epochs is None:
+        epochs, patience = _auto_epochs(per_epoch, patience, log)
+    history = _fit(model, make(fit_rows, True), make(hold_rows, False), per_epoch * epochs,
+                   learning_rate, epochs, patience, seed, log)
+    _recalibrate_batchnorm(source.top, make(fit_rows, True))
+    return _Training(history, epochs, fit_rows, hold_rows)
 
 
 def _fit(model, train_ds, holdout_ds, steps: int, learning_rate: float, epochs: int,
