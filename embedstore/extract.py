@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -113,11 +114,14 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                 writer.add_failure(skipped.relpath, None, skipped.reason)
                 new_failures.append({"path": skipped.relpath, "reason": skipped.reason})
 
-        def embed(batch: list) -> None:
-            nonlocal since_commit
+        def embed(batch: list) -> np.ndarray:
             clock = time.perf_counter()
             vectors = backbone.embed([item.image for _, item in batch])
             state.stages["infer"] += time.perf_counter() - clock
+            return vectors
+
+        def write(batch: list, vectors: np.ndarray) -> None:
+            nonlocal since_commit
             clock = time.perf_counter()
             start = 0
             while start < len(batch):  # commit exactly every commit_every rows
@@ -140,10 +144,21 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             to_embed = _classify(stream([r.path for r in refs], resizer, writer.known,
                                         max_pixels, workers), refs, writer, source.root, state,
                                  new_failures, progress)
-            for batch in batched(to_embed, batch_size):
-                embed(batch)
-                if progress:
-                    progress(state)
+            # one batch embeds while the one before is written and committed: the model
+            # never waits for the store
+            with ThreadPoolExecutor(1, thread_name_prefix="embed") as model:
+                behind = None
+                for batch in batched(to_embed, batch_size):
+                    ahead = (batch, model.submit(embed, batch))
+                    if behind:
+                        write(behind[0], behind[1].result())
+                        if progress:
+                            progress(state)
+                    behind = ahead
+                if behind:
+                    write(behind[0], behind[1].result())
+                    if progress:
+                        progress(state)
         if prune:
             gone = writer.paths() - {r.relpath for r in refs} - {k.relpath for k in source.skipped}
             for path in sorted(gone):
