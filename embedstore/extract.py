@@ -136,6 +136,8 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                 start = stop
             state.embedded += len(batch)
             state.stages["write"] += time.perf_counter() - clock
+            if progress:
+                progress(state)
 
         if run_elsewhere is not None:
             run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
@@ -146,19 +148,15 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                                  new_failures, progress)
             # one batch embeds while the one before is written and committed: the model
             # never waits for the store
-            with ThreadPoolExecutor(1, thread_name_prefix="embed") as model:
+            with ThreadPoolExecutor(1, thread_name_prefix="embed") as embedder:
                 behind = None
                 for batch in batched(to_embed, batch_size):
-                    ahead = (batch, model.submit(embed, batch))
+                    ahead = (batch, embedder.submit(embed, batch))
                     if behind:
                         write(behind[0], behind[1].result())
-                        if progress:
-                            progress(state)
                     behind = ahead
                 if behind:
                     write(behind[0], behind[1].result())
-                    if progress:
-                        progress(state)
         if prune:
             gone = writer.paths() - {r.relpath for r in refs} - {k.relpath for k in source.skipped}
             for path in sorted(gone):

@@ -426,6 +426,8 @@ def _training_model(top, n_classes: int, from_pixels: bool, augment: str):
 
 @dataclass
 class _Training:
+    """What training leaves: Keras's history, the epochs planned, the rows fit and held out."""
+
     history: Any  # keras History
     epochs: int
     fit_rows: np.ndarray
@@ -443,8 +445,10 @@ def _train_top(source: _Source, rows: Rows, train_rows: np.ndarray, classes: np.
     keras.utils.set_random_seed(seed)
     model = _training_model(source.top, len(classes), source.cache is None, augment)
     fit_rows, hold_rows = _holdout(rows, train_rows, seed)
-    make = lambda idx, shuffle: source.dataset(rows, idx, classes, batch_size,  # noqa: E731
-                                               augment, shuffle)
+
+    def make(idx: np.ndarray, shuffle: bool):
+        return source.dataset(rows, idx, classes, batch_size, augment, shuffle)
+
     per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
     if epochs is None:
         epochs, patience = _auto_epochs(per_epoch, patience, log)
