@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from embedstore.activations import ActivationCache
+from embedstore.atomic import replacing_dir
 from embedstore.backbones import Backbone, load_backbone
 from embedstore.backbones.reference import BackboneRef, check_same_backbone, load_referenced
 from embedstore.backbones.split import entry_layer_name, split_at
@@ -550,17 +551,14 @@ class _EpochLog:
 
 def _save_backbone(backbone: Backbone, directory: Path, kept_original: bool = False) -> Backbone:
     """Save the tuned model (temp + rename) and load it back: its fingerprint is the saved one."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Backbone(backbone.name, backbone.model, backbone.input_size, backbone.dim,
-             backbone.preprocessing, backbone.crop_fraction, backbone.weights_source).save(tmp)
-    meta = json.loads((tmp / "backbone.json").read_text())
-    (tmp / "backbone.json").write_text(json.dumps({**meta, "fine_tuned_from": backbone.name,
-                                                   "base_fingerprint": backbone.fingerprint,
-                                                   "kept_original_weights": kept_original},
-                                                  indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with replacing_dir(directory) as tmp:
+        Backbone(backbone.name, backbone.model, backbone.input_size, backbone.dim,
+                 backbone.preprocessing, backbone.crop_fraction, backbone.weights_source).save(tmp)
+        meta = json.loads((tmp / "backbone.json").read_text())
+        (tmp / "backbone.json").write_text(json.dumps({**meta, "fine_tuned_from": backbone.name,
+                                                       "base_fingerprint": backbone.fingerprint,
+                                                       "kept_original_weights": kept_original},
+                                                      indent=2))
     return load_backbone(str(directory))
 
 

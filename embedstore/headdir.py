@@ -14,15 +14,14 @@ refused with a message to retrain.)
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from embedstore.atomic import replacing_dir
 from embedstore.backbones import Backbone, BackboneError
 from embedstore.backbones.reference import BackboneRef, load_referenced
 from embedstore.heads import HEADS, EmbeddingHead, head_kind
@@ -98,32 +97,16 @@ def write_head_dir(out_dir: str | Path, head: EmbeddingHead, manifest: HeadManif
         if (out / MANIFEST).is_file() and not overwrite:
             raise HeadDirError(f"{out} already holds a trained head; pass --overwrite to "
                                "replace it, or give another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replacing_dir(out) as tmp:
         files = _write_state(tmp, head.fitted_state())
         manifest = replace(manifest, files=files, head=head_kind(head))
         _write_json(tmp / MANIFEST, manifest.to_json())
         _write_json(tmp / METRICS, metrics)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:

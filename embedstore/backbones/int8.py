@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from embedstore.atomic import replacing_dir
 from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError
 from embedstore.quiet import native_output_silenced
 
@@ -120,20 +120,15 @@ def quantize(base: Backbone, tflite_path: Path, pixels: np.ndarray, directory: s
     with native_output_silenced():  # NNCF's progress bars and notices
         quantized = nncf.quantize(model, calibration, subset_size=len(pixels),
                                   fast_bias_correction=False)
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ov.save_model(quantized, str(tmp / "model.xml"), compress_to_fp16=False)
-    int8_vectors = OpenVINORunner(tmp / "model.xml")(pixels)
-    meta = {"format": FORMAT, "based_on": base.name, "base_fingerprint": base.fingerprint,
-            **base.config(),
-            "calibration": {"images": len(pixels), "source": source,
-                            "openvino": ov.__version__, "nncf": nncf.__version__},
-            "fidelity": _fidelity(int8_vectors, base.embed(pixels))}
-    (tmp / SAVED_BACKBONE_FILE).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with replacing_dir(directory) as tmp:
+        ov.save_model(quantized, str(tmp / "model.xml"), compress_to_fp16=False)
+        int8_vectors = OpenVINORunner(tmp / "model.xml")(pixels)
+        meta = {"format": FORMAT, "based_on": base.name, "base_fingerprint": base.fingerprint,
+                **base.config(),
+                "calibration": {"images": len(pixels), "source": source,
+                                "openvino": ov.__version__, "nncf": nncf.__version__},
+                "fidelity": _fidelity(int8_vectors, base.embed(pixels))}
+        (tmp / SAVED_BACKBONE_FILE).write_text(json.dumps(meta, indent=2))
     return load(directory)
 
 
