@@ -202,7 +202,7 @@ def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
 
     if isinstance(known, ray.ObjectRef):
         known = ray.get(known)
-    resizer = Resizer(input_size, crop_fraction)  # the compiled resize is cached per process
+    resizer = Resizer(input_size, crop_fraction)
 
     def is_known(sha: str) -> bool:
         at = np.searchsorted(known, sha.encode())
@@ -210,18 +210,12 @@ def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
 
     loaded = [load_file(str(path), resizer, is_known, max_pixels, int(index))
               for index, path in zip(batch["index"], batch["path"])]
-    new = [item for item in loaded if item.error is None and item.image is not None]
-    clock = time.perf_counter()
-    pixels = dict(zip((item.index for item in new),
-                      resizer.batch([item.image for item in new]) if new else []))
-    share = (time.perf_counter() - clock) / max(len(new), 1)
-    for item in new:  # batching the pixels counts as "resize", shared by the new files
-        item.seconds["resize"] = item.seconds.get("resize", 0.0) + share
     return {"index": batch["index"],
             "sha256": _objects([item.sha256 or "" for item in loaded]),
             "error": _objects([item.error or "" for item in loaded]),
-            "pixels": _objects([pixels[item.index].tobytes() if item.index in pixels else b""
-                                for item in loaded]),
+            # resized float32 pixels, copied once into bytes (a grey image's view too)
+            "pixels": _objects([item.image.tobytes() if item.error is None and
+                                item.image is not None else b"" for item in loaded]),
             **{stage: np.array([item.seconds.get(stage, 0.0) for item in loaded])
                for stage in STAGES}}
 
