@@ -113,7 +113,7 @@ def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: boo
 
 @cli.command("extract")
 @click.argument("images", type=click.Path(exists=True))
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--backbone", "backbone_name", default="mobilenet_v2", show_default=True,
               help=BACKBONE_HELP)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
@@ -201,7 +201,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
 
 
 @cli.command("info")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, images, failures, "
               "classes, dim, backbone, shards, quarantined, ...).")
 @click.option("--failures", "show_failures", is_flag=True, help="Also list every failed file.")
@@ -257,7 +257,7 @@ def _print_info(store, info: dict) -> None:
 
 
 @cli.command("compact")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--shard-rows", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Fold shards smaller than this into shards of about this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -278,8 +278,8 @@ def compact_cmd(store, shard_rows, as_json) -> None:
 
 
 @cli.command("merge")
-@click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(),
               help="The store to merge into (created if missing, added to if it exists).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def merge_cmd(stores, out, as_json) -> None:
@@ -488,7 +488,7 @@ def _show_params(params: dict) -> str:
 
 
 @cli.command("train")
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=click.Path(exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--head", default="logreg", show_default=True, type=_RegistryChoice(_head_names),
               help="logreg: standardise + multinomial logistic regression; dense: a Keras "
@@ -529,7 +529,7 @@ def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **op
 
 
 @cli.command("sweep")
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=click.Path(exists=True))
 @click.option("--head", "heads", multiple=True, type=_RegistryChoice(_head_names),
               help="Head type to include; repeat for several [default: logreg, dense, knn].")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
@@ -568,7 +568,7 @@ def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
 
 @cli.command("evaluate")
 @click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("store", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", required=False, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print every metric as JSON.")
 @click.option("--assert-accuracy-at-least", "min_accuracy", type=float,
               help="Exit with code 1 when accuracy is below this.")
@@ -611,7 +611,7 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1),
               help="How many classes to list per image.")
-@click.option("--store", type=click.Path(exists=True, dir_okay=False),
+@click.option("--store", type=click.Path(exists=True),
               help="Reuse embeddings of images already in this store (no backbone run).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Images per backbone forward pass.")

@@ -23,7 +23,7 @@ from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
 from embedstore.engines import EngineJob, get_engine
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
-from embedstore.store import StoreWriter, open_store
+from embedstore.store import StoreWriter, layout, stored_backbone
 
 
 @dataclass
@@ -174,7 +174,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
 def _int8_backbone(name: str, store: Path, source, max_pixels: int,
                    say: Callable[[str], None] | None) -> Backbone:
     """--runtime int8: the quantized model STORE was made with, else one calibrated on
-    (up to 300 of) the images about to be embedded, saved as STORE.int8."""
+    (up to 300 of) the images about to be embedded, saved inside the store (STORE/int8)."""
     say = say or (lambda message: None)
     recorded = _recorded_backbone(store)
     if recorded and int8.is_int8_dir(recorded) and \
@@ -199,7 +199,7 @@ def _int8_backbone(name: str, store: Path, source, max_pixels: int,
         raise BackboneError(f"none of the images under {source.root} could be decoded to "
                             "calibrate the int8 model")
     say(f"calibrating int8 {name} on {len(pixels)} of your images (once per store)...")
-    quantized = int8.quantize(base, tflite_path, resizer.batch(pixels), f"{store}.int8",
+    quantized = int8.quantize(base, tflite_path, resizer.batch(pixels), layout(store).int8,
                               str(source.root))
     fidelity = int8.describe(quantized.name)["fidelity"]
     say(f"int8 model saved in {quantized.name}: cosine to fp32 min {fidelity['min_cosine']:.3f}, "
@@ -209,10 +209,8 @@ def _int8_backbone(name: str, store: Path, source, max_pixels: int,
 
 def _recorded_backbone(store: Path) -> str | None:
     """The backbone name STORE records, None if there is no store yet."""
-    if not store.exists():
-        return None
-    with open_store(store) as reader:
-        return reader.backbone["name"] or None
+    recorded = stored_backbone(store)
+    return recorded["name"] or None if recorded else None
 
 
 def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,

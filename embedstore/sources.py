@@ -52,6 +52,18 @@ def is_image_name(name: str) -> bool:
 
 
 OUTSIDE = "symlink leads outside the images folder; skipped (use --follow-links to read it)"
+NOT_UTF8 = ("file name is not valid UTF-8 (shown with its bytes escaped); rename it "
+            "(e.g. `convmv -f latin1 -t utf8`) and re-run")
+
+
+def printable(path: str) -> str:
+    """A path as text: bytes of a name that is not valid UTF-8 (Python holds them as
+    surrogates) shown escaped, `caf\\xe9.jpg`, so it can be stored, printed and sent as JSON."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _inside(path: str, root_real: str) -> bool:
@@ -74,7 +86,7 @@ def walk_images(top: str, follow_links: bool = False,
         return Path(os.path.relpath(path, top)).as_posix()
 
     def unreadable(err: OSError) -> None:
-        skipped.append(Skipped(rel(err.filename), "unreadable folder "
+        skipped.append(Skipped(printable(rel(err.filename)), "unreadable folder "
                                f"({err.strerror or err}); fix its permissions and re-run"))
 
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unreadable):
@@ -88,7 +100,7 @@ def walk_images(top: str, follow_links: bool = False,
             if follow_links or _inside(os.path.join(dirpath, d), root_real):
                 kept.append(d)
             else:
-                skipped.append(Skipped(rel(os.path.join(dirpath, d)), OUTSIDE))
+                skipped.append(Skipped(printable(rel(os.path.join(dirpath, d))), OUTSIDE))
         dirnames[:] = kept
         for f in filenames:
             path = os.path.join(dirpath, f)
@@ -98,7 +110,7 @@ def walk_images(top: str, follow_links: bool = False,
             if follow_links or not os.path.exists(path) or _inside(path, root_real):
                 found.append(path)
             else:
-                skipped.append(Skipped(rel(path), OUTSIDE))
+                skipped.append(Skipped(printable(rel(path)), OUTSIDE))
     return sorted(found)
 
 
@@ -108,7 +120,10 @@ def scan(images: str | Path, follow_links: bool = False) -> Source:
     if os.path.isfile(images):
         if is_image_name(os.path.basename(images)):
             root = os.path.dirname(os.path.abspath(images))
-            return Source(root, [ImageRef(os.path.basename(images), images, None)], False)
+            name = os.path.basename(images)
+            if printable(name) != name:
+                return Source(root, [], False, (Skipped(printable(name), NOT_UTF8),))
+            return Source(root, [ImageRef(name, images, None)], False)
         return _scan_list(images)
     if not os.path.isdir(images):
         raise SourceError(f"{images} does not exist; give a folder of images, one image, or a "
@@ -122,6 +137,9 @@ def scan(images: str | Path, follow_links: bool = False) -> Source:
     refs, skipped = [], []
     for path in walk_images(images, follow_links, skipped):
         rel = Path(os.path.relpath(path, images)).as_posix()
+        if printable(rel) != rel:  # recorded as a failure, under its escaped name
+            skipped.append(Skipped(printable(rel), NOT_UTF8))
+            continue
         label = rel.split("/", 1)[0] if labelled else None
         refs.append(ImageRef(rel, path, label))
     if not refs and not skipped:

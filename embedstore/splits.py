@@ -106,6 +106,13 @@ def load_split(store: str | Path, val_fraction: float = 0.2, seed: int = 0,
                     f"({int(np.sum(y == c))} images); add images or lower --val-fraction")
         read = np.concatenate([train_rows, val_rows]) if training_rows else val_rows
         X = s.embeddings(read)
+        broken = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        if len(broken):  # the writer never stores these: a shard file changed on disk
+            row = int(read[broken[0]])
+            raise SplitError(f"{s.shard_file_of(row)} of {store} holds {len(broken)} vectors "
+                             f"with NaN or inf (first: {all_paths[row]}); the file was damaged "
+                             f"after it was written: run `embedstore compact {store}` to move "
+                             "it aside, then extract again to re-embed its images")
         n_train = len(train_rows) if training_rows else 0
         rows_hash = hashlib.sha256()
         for part in (sha, y.astype(np.int32), views.astype(np.int16)):

@@ -61,7 +61,7 @@ def test_many_commits_read_the_same_through_plain_h5py(tmp_path):
     store = tmp_path / "s.h5"
     commit_batches(store, 12, 7)
     assert len(shard_files(store)) == 12 and not lock_path(store).exists()
-    with open_store(store) as s, h5py.File(store, "r") as f:
+    with open_store(store) as s, h5py.File(store / "index.h5", "r") as f:
         assert s.n_rows == 84 and f["embeddings"].shape == (84, DIM)
         np.testing.assert_array_equal(f["embeddings"][:], s.embeddings())
         assert list(f["paths"].asstr()[:]) == list(s.paths)
@@ -93,13 +93,13 @@ def test_replacing_and_removing_rows_leaves_other_shards_untouched(tmp_path):
     with open_store(store) as s:
         assert s.info()["dead_rows"] == 4 and [f["path"] for f in s.failures()] == ["img/12.png"]
         assert s.classes == ["c0", "c1", "c2", "new"]
-    with h5py.File(store, "r") as f, open_store(store) as s:  # tombstones skipped in plain h5py
+    with h5py.File(store / "index.h5", "r") as f, open_store(store) as s:  # tombstones skipped
         np.testing.assert_array_equal(f["embeddings"][:], s.embeddings())
         assert list(f["paths"].asstr()[:]) == list(s.paths) and len(s.paths) == 28
     result = CliRunner().invoke(cli, ["compact", str(store), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"shards_before": 4, "shards_after": 1,
-                                         "rows_rewritten": 28}
+                                         "rows_rewritten": 28, "quarantined": []}
     assert by_path(store) == rows and verify(store)["ok"]
 
 
@@ -224,7 +224,7 @@ def test_kill_minus_nine_mid_commit_keeps_every_commit_and_resumes(tmp_path):
     with StoreWriter(store, META) as w:  # resume: the next writer cleans up and adds more
         assert all(w.known(sha(i)) for i in range(n))
         add_batch(w, n, 50, label="a")
-    assert not list(tmp_path.glob(".*tmp*")) and not list(parts_dir(store).glob(".*"))
+    assert not list(store.glob(".*tmp*")) and not list(parts_dir(store).glob(".*"))
     assert not lock_path(store).exists()
     with open_store(store) as s:
         assert s.n_rows == n + 50 and len(s.shards) == len(shard_files(store))
@@ -300,11 +300,11 @@ def test_format1_store_is_read_and_upgraded_on_the_next_write(tmp_path):
     assert sorted(rows) == ["a/1.png", "b/2.png", "c/1-copy.png", "c/4.png"]
     assert rows["c/1-copy.png"][1:] == ("c", 0, tuple(np.arange(DIM, dtype=np.float32)))
     assert rows["c/4.png"][3][0] == 7
-    with open_store(store) as s, h5py.File(store, "r") as f:
-        assert s.format_version == 2 and f.attrs["absorbed_seq"] == 3
+    with open_store(store) as s, h5py.File(store / "index.h5", "r") as f:
+        assert s.format_version == 3 and store.is_dir()
         assert s.failures() == [{"path": "x", "sha256": "x", "reason": "x"}]
         np.testing.assert_array_equal(f["embeddings"][:], s.embeddings())
-    assert not list(parts_dir(store).glob("part-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.h5"]  # the old files are gone
 
 
 def test_unreadable_shards_and_parts_are_quarantined_not_blocking(tmp_path, caplog):
@@ -312,17 +312,18 @@ def test_unreadable_shards_and_parts_are_quarantined_not_blocking(tmp_path, capl
     commit_batches(store, 3, 5)
     bad = sorted(parts_dir(store).glob("shard-*.h5"))[1]
     bad.write_bytes(b"garbage")
-    (parts_dir(store) / "part-abc.h5").write_bytes(b"odd name")
+    (parts_dir(store) / "notes.txt").write_bytes(b"not ours: never touched")
     with pytest.raises(StoreError, match="unreadable.*embedstore compact"):
         open_store(store)
     with caplog.at_level(logging.WARNING, "embedstore.store"):
         with StoreWriter(store, META) as w:
             assert not w.known(sha(5)) and w.known(sha(0))  # its images get re-embedded
             add_batch(w, 5, 5)
-    assert sum("moved to" in r.getMessage() for r in caplog.records) == 2
-    assert sorted(p.name for p in quarantine_dir(store).iterdir()) == sorted([bad.name, "part-abc.h5"])
+    assert sum("moved to" in r.getMessage() for r in caplog.records) == 1
+    assert [p.name for p in quarantine_dir(store).iterdir()] == [bad.name]
+    assert (parts_dir(store) / "notes.txt").read_bytes() == b"not ours: never touched"
     result = CliRunner().invoke(cli, ["info", str(store)])
-    assert result.exit_code == 0 and "quarantined 2 unreadable files" in result.output
+    assert result.exit_code == 0 and "quarantined 1 unreadable files" in result.output
     assert len(by_path(store)) == 15
 
 
@@ -350,12 +351,14 @@ def test_verify_detects_a_flipped_bit_and_nan_vectors_naming_them(tmp_path):
     _patch_embedding_bytes(shards[1], 4, lambda b: bytes([b[0] ^ 1]) + b[1:])  # one bit
     report = verify(store)
     assert not report["ok"] and len(report["problems"]) == 1
-    assert shards[1].name in report["problems"][0] and "checksum mismatch" in report["problems"][0]
+    assert shards[1].name in report["problems"][0]
+    assert "checksum does not match" in report["problems"][0]
     _patch_embedding_bytes(shards[2], 3, lambda b: np.float32(np.nan).tobytes())
     problems = verify(store)["problems"]
     assert len(problems) == 3 and "1 vectors with NaN or inf (rows 3: img/24.png)" in problems[2]
     bad = runner.invoke(cli, ["info", str(store), "--verify"])
-    assert bad.exit_code == 1 and "checksum mismatch" in bad.output and "img/24.png" in bad.output
+    assert bad.exit_code == 1 and "checksum does not match" in bad.output
+    assert "img/24.png" in bad.output
 
 
 def test_nan_vectors_become_failures_not_rows(tmp_path):
@@ -398,8 +401,8 @@ def test_orphaned_temp_and_shard_files_are_removed_by_the_next_writer(tmp_path):
     store = tmp_path / "o.h5"
     with StoreWriter(store, META) as w:
         add_batch(w, 0, 3)
-    orphans = [tmp_path / ".o.h5.tmp-4194300", parts_dir(store) / ".shard-000000007.h5.tmp-12",
-               parts_dir(store) / "shard-000000099.h5", parts_dir(store) / ".part-000000004.h5.tmp-3"]
+    orphans = [store / ".index.h5.tmp-4194300", parts_dir(store) / ".shard-000000007.h5.tmp-12",
+               parts_dir(store) / "shard-000000099.h5"]
     for p in orphans:
         p.write_bytes(b"x" * 1000)
     with StoreWriter(store, META):
@@ -427,7 +430,8 @@ def test_a_full_disk_is_one_clear_error_and_loses_nothing_committed(tmp_path):
                                              "committed was lost"):
             w.commit()
         w.release()
-        assert sorted(p.name for p in mnt.iterdir()) == ["full.h5", "full.h5.parts"]
+        assert sorted(p.name for p in mnt.iterdir()) == ["full.h5"]
+        assert sorted(p.name for p in store.iterdir()) == ["index.h5", "parts"]
         assert not list(parts_dir(store).glob(".*"))  # no partial shard left
         with open_store(store) as s:
             assert s.n_rows == 10

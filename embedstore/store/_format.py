@@ -14,7 +14,9 @@ import h5py
 import numpy as np
 
 FORMAT = "embedstore"
-FORMAT_VERSION = 2  # 1: one self-contained file; 2: an index over immutable shard files
+# 1: one self-contained file; 2: an index file over STORE.parts/ beside it;
+# 3: a directory holding the index and its parts (see _layout)
+FORMAT_VERSION = 3
 STR = h5py.string_dtype()
 COPY_BLOCK_ROWS = 8192
 
@@ -26,16 +28,6 @@ class StoreError(ValueError):
 def real_path(store: str | Path) -> Path:
     """The file a store path names, through symlinks: what is locked and replaced."""
     return Path(store).resolve()
-
-
-def parts_dir(store: str | Path) -> Path:
-    """Where a store's shard files live (and format-1 part files waited to be merged)."""
-    return Path(f"{real_path(store)}.parts")
-
-
-def quarantine_dir(store: str | Path) -> Path:
-    """Where unreadable shard or part files are moved aside."""
-    return Path(f"{real_path(store)}.quarantine")
 
 
 # --- strings -------------------------------------------------------------------------
@@ -63,23 +55,39 @@ def fixed(values, width: int | None = None) -> np.ndarray:
 
 # --- backbone attributes ---------------------------------------------------------------
 
-def backbone_attrs(f: h5py.File) -> dict:
-    return {"name": f.attrs.get("backbone_name", ""),
+def backbone_attrs(f: h5py.File, root: Path | None = None) -> dict:
+    """The backbone a store records. A backbone directory inside the store (its int8
+    model) is recorded relative to it ("store:int8") and given here as a path under
+    `root`, the store's directory, wherever the store now is."""
+    name = str(f.attrs.get("backbone_name", ""))
+    if name.startswith("store:") and root is not None:
+        inside = name[len("store:"):]
+        if not inside or "/" in inside or inside in (".", ".."):
+            raise StoreError(f"{f.filename}: backbone name {name!r} leads outside the store")
+        name = str(root / inside)
+    return {"name": name,
             "fingerprint": f.attrs.get("backbone_fingerprint", ""),
             "dim": int(f.attrs.get("backbone_dim", 0)),
             "config": json.loads(f.attrs.get("backbone_config", "{}"))}
 
 
-def set_backbone_attrs(f: h5py.File, backbone: dict, version: int = FORMAT_VERSION) -> None:
+def set_backbone_attrs(f: h5py.File, backbone: dict, version: int = FORMAT_VERSION,
+                       root: Path | None = None) -> None:
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = version
-    f.attrs["backbone_name"] = backbone["name"]
+    name = str(backbone["name"])
+    if root is not None and os.path.isabs(name) and Path(name).parent == root:
+        name = "store:" + Path(name).name  # moves with the store
+    f.attrs["backbone_name"] = name
     f.attrs["backbone_fingerprint"] = backbone["fingerprint"]
     f.attrs["backbone_dim"] = int(backbone["dim"])
     f.attrs["backbone_config"] = json.dumps(backbone.get("config", {}), sort_keys=True)
 
 
 def open_h5(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder but not an embedstore store (it has no index.h5); "
+                         "give a store made by `embedstore extract`")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

@@ -1,10 +1,13 @@
-"""The format-2 index: the STORE file itself, small, replaced atomically on every commit.
+"""The index: STORE/index.h5, small, replaced atomically on every commit.
 
 It lists the shard files (name, rows, sha256 of the file, path width), the
 tombstoned rows of each, classes, failures and the backbone; and it holds
 virtual datasets /embeddings, /paths, /sha256, /labels, /views that map
 every live row of the shards in order, so plain h5py reads the store as one
-table. Its size grows with the number of shards and tombstones, not rows.
+table. The virtual datasets name their sources relative to the index
+(`parts/shard-...h5`), which HDF5 resolves against the index's own folder:
+the store reads the same after a copy or a move. Its size grows with the
+number of shards and tombstones, not rows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import h5py
 import numpy as np
 
 from embedstore.store._format import atomic_h5, set_backbone_attrs, strings, write_strings
+from embedstore.store._layout import PARTS, check_shard_name
 
 SHA_WIDTH = 64
 COLUMNS = ("embeddings", "paths", "sha256", "labels", "views")
@@ -27,7 +31,7 @@ class Shard:
     """One immutable shard file and which of its rows are no longer live."""
 
     seq: int
-    name: str  # file name inside the store's parts directory
+    name: str  # file name inside the store's parts directory (checked against SHARD_NAME)
     rows: int
     sha256: str  # of the whole file, checked by `info --verify`
     path_width: int
@@ -48,16 +52,17 @@ class Shard:
 
 @dataclass
 class Index:
-    parts_name: str  # the parts directory, relative to the index's directory
     shards: list[Shard]
     classes: list[str]
     failures: dict  # path -> (sha256, reason)
-    absorbed_seq: int  # the last format-1 part replayed into this store
     next_seq: int
 
 
 def read_index(f: h5py.File) -> Index:
+    """The index in `f` (format 2 or 3); every shard name is checked first."""
     g = f["shards"]
+    for name in strings(g["names"]):
+        check_shard_name(name, Path(f.filename))
     dead: dict[int, set] = {}
     for seq, row in f["tombstones"][()]:
         dead.setdefault(int(seq), set()).add(int(row))
@@ -68,17 +73,14 @@ def read_index(f: h5py.File) -> Index:
     fg = f["failures"]
     failures = {p: (s, r) for p, s, r in zip(strings(fg["paths"]), strings(fg["sha256"]),
                                              strings(fg["reasons"]))}
-    return Index(f.attrs["parts_dir"], shards, strings(f["classes"]), failures,
-                 int(f.attrs.get("absorbed_seq", 0)), int(f.attrs.get("next_seq", 1)))
+    return Index(shards, strings(f["classes"]), failures, int(f.attrs.get("next_seq", 1)))
 
 
 def write_index(path: Path, backbone: dict, index: Index) -> None:
     """Replace the index at `path` (temp + fsync + rename): the commit point."""
     dim = int(backbone["dim"])
     with atomic_h5(path) as f:
-        set_backbone_attrs(f, backbone)
-        f.attrs["parts_dir"] = index.parts_name
-        f.attrs["absorbed_seq"] = index.absorbed_seq
+        set_backbone_attrs(f, backbone, root=path.parent)
         f.attrs["next_seq"] = index.next_seq
         f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         g = f.create_group("shards")
@@ -115,7 +117,7 @@ def _write_virtual_columns(f: h5py.File, index: Index, dim: int) -> None:
     placed, at = [], 0
     for s in index.shards:
         runs = _runs(s.live()) if s.dead else [(0, s.rows)]
-        placed.append((f"{index.parts_name}/{s.name}".encode(), s.rows, runs, at))
+        placed.append((f"{PARTS}/{s.name}".encode(), s.rows, runs, at))
         at += s.n_live
     for column, (dtype, row_shape, fill) in specs.items():
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)

@@ -1,4 +1,9 @@
-"""The one-writer lock: an flock on `STORE.lock`, keyed on the store's resolved path.
+"""The one-writer lock: an flock on `STORE/lock`, inside the store's directory.
+
+Every path to a store (a symlink, a second mount, a relative name) reaches
+the same directory and so the same lock file. (A directory cannot be hard
+linked; a format-2 store file, which can, is upgraded under an flock on the
+file itself, see writer.upgrade_legacy.)
 
 The lock file exists only while a writer runs (or after one was killed): a
 clean release unlinks it *while still holding the flock*. A second process
@@ -14,16 +19,17 @@ import fcntl
 import os
 from pathlib import Path
 
-from embedstore.store._format import StoreError, real_path
+from embedstore.store._format import StoreError
+from embedstore.store._layout import layout
 
 
 def lock_path(store: str | Path) -> Path:
-    return Path(f"{real_path(store)}.lock")
+    return layout(store).lock
 
 
-def acquire_lock(store: str | Path) -> int:
-    """Take the writer lock of STORE (non-blocking); a StoreError if another writer has it."""
-    path = lock_path(store)
+def acquire_lock(path: Path, store: str | Path) -> int:
+    """Take the writer lock file `path` of STORE (non-blocking); a StoreError if another
+    writer has it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -41,10 +47,10 @@ def acquire_lock(store: str | Path) -> int:
     return fd
 
 
-def release_lock(fd: int, store: str | Path) -> None:
+def release_lock(fd: int, path: Path) -> None:
     """Unlink the lock file, then drop the flock (in that order: see the module doc)."""
     try:
-        lock_path(store).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from embedstore.store._index import Shard
+from embedstore.store._layout import check_self_contained, is_regular_file
 
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -256,7 +257,10 @@ class RowIndex:
     def _open(self, shard: Shard, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Check a shard, keep its columns at hand; (keys, locations) of its live rows."""
         path = self.shard_dir / shard.name
+        if not is_regular_file(path):
+            raise ValueError("missing, or not a regular file")
         with h5py.File(path, "r") as f:
+            check_self_contained(f, path)
             if f["embeddings"].shape != (shard.rows, dim):
                 raise ValueError(f"{f['embeddings'].shape} rows, the index says {shard.rows}")
             live = shard.live()

@@ -38,7 +38,7 @@ def write_shard(directory: Path, seq: int, backbone: dict, blocks: Iterable[Rows
     dim = int(backbone["dim"])
     path = directory / shard_name(seq)
     with atomic_h5(path, n_rows * (dim * 4 + path_width + SHA_WIDTH + 22)) as f:
-        set_backbone_attrs(f, backbone)
+        set_backbone_attrs(f, backbone, root=directory.parent)
         f.attrs["seq"] = seq
         # contiguous, not chunked: a shard never grows, and readers map it into memory,
         # so a random row costs one 5 KB read instead of a 320 KB chunk

@@ -1,7 +1,8 @@
-"""Reading a store, format 1 (one file) or 2 (an index over shard files)."""
+"""Reading a store: format 3 (a directory), or a format-1/2 file where it lies."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -11,8 +12,12 @@ import h5py
 import numpy as np
 
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
-                                      open_h5, parts_dir, quarantine_dir, strings)
-from embedstore.store._index import read_index
+                                      open_h5, strings)
+from embedstore.store._index import COLUMNS, Shard, read_index
+from embedstore.store._layout import (INDEX, Layout, check_inside, check_self_contained,
+                                      is_regular_file, layout)
+
+SHARD_COLUMNS = ("embeddings", "paths", "sha256", "labels", "views", "keys")
 
 
 @dataclass
@@ -48,17 +53,16 @@ class StoreReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            legacy = sorted(parts_dir(path).glob("part-*.h5")) if parts_dir(path).is_dir() else []
-            hint = (f"; {len(legacy)} committed parts wait in {parts_dir(path)}: run "
-                    f"`embedstore compact {path}`" if legacy
-                    else "; create it with `embedstore extract`")
-            raise StoreError(f"store {path} does not exist{hint}")
-        self._f = open_h5(self.path)
+        self.layout = layout(path)
+        self._check_exists()
+        check_inside(self.layout.index, self.layout.root, "index")
+        self._f = open_h5(self.layout.index)
         self._files: list[h5py.File] = []
+        self._segment_files: list[Path] = []
         try:
+            check_self_contained(self._f, self.layout.index, virtual_ok=COLUMNS)
             self.format_version = int(self._f.attrs.get("format_version", 1))
-            self.backbone = backbone_attrs(self._f)
+            self.backbone = backbone_attrs(self._f, self.layout.root)
             self.dim = self.backbone["dim"]
             self._segments = self._open_segments()
         except BaseException:
@@ -66,6 +70,15 @@ class StoreReader:
             raise
         self._starts = np.cumsum([0] + [s.n for s in self._segments])
         self.n_rows = int(self._starts[-1])
+
+    def _check_exists(self) -> None:
+        where = self.layout
+        if where.legacy or where.index.is_file():
+            return
+        if where.root.is_dir():
+            raise StoreError(f"{self.path} holds no committed rows yet (no {INDEX}): it is "
+                             "empty, or not a store; extract into it with `embedstore extract`")
+        raise StoreError(f"store {self.path} does not exist; create it with `embedstore extract`")
 
     def _open_segments(self) -> list[Segment]:
         if self.format_version == 1:
@@ -77,17 +90,12 @@ class StoreReader:
             return [Segment(self._f, None, int(self._f["embeddings"].shape[0]))]
         index = read_index(self._f)
         self._table, self._failures, self.shards = index.classes, index.failures, index.shards
-        directory = self.path.resolve().parent / index.parts_name
+        check_inside(self.layout.parts, self.layout.root, "parts folder")
         segments = []
         for shard in index.shards:
-            try:
-                f = h5py.File(directory / shard.name, "r")
-            except OSError as exc:
-                raise StoreError(
-                    f"shard {directory / shard.name} of {self.path} is unreadable ({exc}); run "
-                    f"`embedstore compact {self.path}` to quarantine it (the next extract "
-                    "re-embeds its images)") from None
+            f = open_shard(self.layout, shard, self.path)
             self._files.append(f)
+            self._segment_files.append(self.layout.shard(shard.name))
             segments.append(Segment(f, shard.live() if shard.dead else None, shard.n_live))
         return segments
 
@@ -172,13 +180,26 @@ class StoreReader:
     def failures(self) -> list[dict]:
         return [{"path": p, "sha256": s, "reason": r} for p, (s, r) in self._failures.items()]
 
+    def corrupt_shards(self) -> list[tuple[Path, np.ndarray]]:
+        """(file, rows) of every shard whose sha256 no longer matches the index."""
+        from embedstore.store._shard import file_sha256
+
+        return [(file, np.arange(self._starts[k], self._starts[k + 1]))
+                for k, (shard, file) in enumerate(zip(self.shards, self._segment_files))
+                if file_sha256(file) != shard.sha256]
+
+    def shard_file_of(self, row: int) -> Path:
+        """The file holding row `row` (the store itself for format 1)."""
+        if not self._segment_files:
+            return self.layout.index
+        return self._segment_files[int(np.searchsorted(self._starts, row, side="right")) - 1]
+
     def info(self) -> dict:
         labels, classes = self._labels_and_classes
         counts = np.bincount(labels[labels >= 0], minlength=len(classes))
-        shard_dir = self.path.resolve().parent / (self._f.attrs.get("parts_dir", "") or ".")
-        shard_bytes = sum((shard_dir / s.name).stat().st_size for s in self.shards)
-        legacy = parts_dir(self.path)
-        quarantine = quarantine_dir(self.path)
+        shard_bytes = sum(p.stat().st_size for p in self._segment_files)
+        index_bytes = self.layout.index.stat().st_size
+        parts, quarantine = self.layout.parts, self.layout.quarantine
         sha = self.sha256
         return {
             "path": str(self.path),
@@ -192,11 +213,11 @@ class StoreReader:
             "backbone": {"name": self.backbone["name"],
                          "fingerprint": self.backbone["fingerprint"],
                          "config": self.backbone["config"]},
-            "file_bytes": self.path.stat().st_size + shard_bytes,
-            "index_bytes": self.path.stat().st_size,
+            "file_bytes": index_bytes + shard_bytes,
+            "index_bytes": index_bytes,
             "shards": len(self.shards),
             "dead_rows": sum(len(s.dead) for s in self.shards),
-            "pending_parts": len(list(legacy.glob("part-*.h5"))) if legacy.is_dir() else 0,
+            "pending_parts": len(list(parts.glob("part-*.h5"))) if parts.is_dir() else 0,
             "quarantined": sorted(p.name for p in quarantine.iterdir())
             if quarantine.is_dir() else [],
             "format_version": self.format_version,
@@ -206,6 +227,30 @@ class StoreReader:
 def open_store(path: str | Path) -> StoreReader:
     """Open STORE for reading (any format version)."""
     return StoreReader(path)
+
+
+def open_shard(where: Layout, shard: Shard, store: Path) -> h5py.File:
+    """A shard file of the store, checked: a regular file inside parts/, holding its own
+    data. A StoreError names it otherwise."""
+    file = where.shard(shard.name)
+    advice = (f"run `embedstore compact {store}` to quarantine it (the next extract "
+              "re-embeds its images)")
+    if not is_regular_file(file):
+        what = "missing" if not os.path.lexists(file) else "not a regular file"
+        raise StoreError(f"shard {file} of {store} is {what}; {advice}")
+    try:
+        f = h5py.File(file, "r")
+    except OSError as exc:
+        raise StoreError(f"shard {file} of {store} is unreadable ({exc}); {advice}") from None
+    try:
+        check_self_contained(f, file)
+        missing = [c for c in SHARD_COLUMNS[:5] if c not in f]
+        if missing:
+            raise StoreError(f"shard {file} of {store} lacks {', '.join(missing)}; {advice}")
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def vectors_of(f: h5py.File):

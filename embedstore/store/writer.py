@@ -14,8 +14,12 @@ once by folding; big, untouched shards are never rewritten.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import re
 import shutil
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +31,21 @@ from embedstore.backbones import BackboneError
 from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.store import _legacy
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
-                                      fixed, open_h5, parts_dir, quarantine_dir, real_path)
-from embedstore.store._index import SHA_WIDTH, Index, Shard, read_index, write_index
+                                      fixed, fsync_path, open_h5, real_path)
+from embedstore.store._index import COLUMNS, SHA_WIDTH, Index, Shard, read_index, write_index
+from embedstore.store._layout import (INDEX, OWN_ENTRIES, SHARD_NAME, Layout, check_inside,
+                                      check_self_contained, is_regular_file)
 from embedstore.store._lock import acquire_lock, release_lock
 from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
-from embedstore.store._shard import Rows, write_shard
+from embedstore.store._shard import Rows, file_sha256, write_shard
 from embedstore.store.reader import gather, vectors_of
 
 log = logging.getLogger("embedstore.store")
 
 FOLD_ROWS = 65536  # 335 MB of 1280-d vectors: small shards are folded up to this size
 NON_FINITE = "the backbone produced NaN or infinite values"
+CHANGED = "its checksum does not match the index (the file changed after it was written)"
+_TEMP_NAME = re.compile(rf"\.({re.escape(INDEX)}|shard-\d{{9}}\.h5)\.tmp-\d+")
 
 
 @dataclass
@@ -62,8 +70,9 @@ class StoreWriter:
 
     Use as a context manager. `known(sha)` answers whether content is already
     embedded (in the store or added to this writer), which is how a re-run
-    skips inference. Opening a writer also finishes what a killed writer left:
-    temp files are removed, format-1 parts replayed, a format-1 store upgraded.
+    skips inference. Opening a writer also finishes what a killed writer left
+    (temp files, uncommitted shards) and upgrades a format-1/2 store file into
+    a store directory (see upgrade_legacy).
 
     Committed rows are found through a RowIndex (about 32 bytes a row, see
     _rowindex); only what was added since the last commit is held in dicts.
@@ -73,20 +82,24 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, backbone: dict):
         self.path = Path(path)
-        self._real = real_path(self.path)  # locked and replaced: a symlink stays a symlink
         self.backbone = backbone
-        self._real.parent.mkdir(parents=True, exist_ok=True)
         self._mutex = threading.RLock()
         self._where: RowIndex | None = None
-        self._lock_fd: int | None = acquire_lock(self._real)
+        self._lock_fd: int | None = None
+        self._verified: set[int] = set()  # shards whose checksum this writer has checked
+        root = real_path(self.path)  # a symlinked store stays a symlink
+        self.changed = upgrade_legacy(root, backbone, self.path)  # whether opening changed it
+        self.layout = Layout(root)
+        _prepare_directory(root, self.path)
+        self._lock_fd = acquire_lock(self.layout.lock, self.path)
         try:
-            self._parts = parts_dir(self._real)
+            for name, what in ((self.layout.parts, "parts folder"),
+                               (self.layout.quarantine, "quarantine folder")):
+                check_inside(name, root, what)
             self._remove_temp_files()
             self._check_backbone()
-            self.changed = False  # whether opening had to finish or upgrade anything
             self._load()
             self.pending = PendingRows()
-            self._finish_format1()
             self._remove_orphan_shards()
         except BaseException:
             self.release()
@@ -108,68 +121,56 @@ class StoreWriter:
         if self._where is not None:
             self._where.close()
         if self._lock_fd is not None:
-            release_lock(self._lock_fd, self._real)
+            release_lock(self._lock_fd, self.layout.lock)
             self._lock_fd = None
 
     # opening -------------------------------------------------------------------------
     def _remove_temp_files(self) -> None:
-        """Temp files of this store are orphans of a killed writer: we hold the lock."""
-        orphans = list(self._real.parent.glob(f".{self._real.name}.tmp-*"))
-        if self._parts.is_dir():
-            orphans += self._parts.glob(".*.tmp-*")
-        for p in orphans:
-            p.unlink(missing_ok=True)
+        """Temp files of this store are orphans of a killed writer: we hold the lock. Only
+        names this writer makes are touched."""
+        for folder in (self.layout.root, self.layout.parts):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _TEMP_NAME.fullmatch(p.name) and is_regular_file(p):
+                        p.unlink(missing_ok=True)
 
     def _check_backbone(self) -> None:
-        candidates = [self._real] if self._real.exists() else _legacy.part_files(self._parts)[:1]
-        for p in candidates:
-            try:
-                with open_h5(p) as f:
-                    theirs = backbone_attrs(f)
-            except StoreError:
-                if p == self._real:
-                    raise
-                continue  # an unreadable part is quarantined later
-            try:
-                check_same_backbone(BackboneRef.from_dict(theirs, p),
-                                    BackboneRef.from_dict(self.backbone, "the writer"),
-                                    str(self.path), "this extraction",
-                                    advice=f"write to another store file, or extract with "
-                                           f"--backbone {theirs['name']}")
-            except BackboneError as exc:
-                raise StoreError(str(exc)) from None
+        if self.layout.index.is_file():
+            with open_h5(self.layout.index) as f:
+                _check_same_backbone(backbone_attrs(f, self.layout.root), self.backbone,
+                                     self.layout.index, self.path)
 
     def _load(self) -> None:
         """Read the committed state: the index, and the lookup keys of every live row."""
-        self.index = Index(self._parts.name, [], [], {}, 0, 1)
-        self._format1 = False
-        if self._real.exists():
-            with open_h5(self._real) as f:
-                if int(f.attrs.get("format_version", 1)) == 1:
-                    self._format1 = True
-                    self.index.absorbed_seq = int(f.attrs.get("absorbed_seq", 0))
-                else:
-                    self.index = read_index(f)
-        self._shard_dir = self._real.parent / self.index.parts_name
+        self.index = Index([], [], {}, 1)
+        if self.layout.index.is_file():
+            with open_h5(self.layout.index) as f:
+                check_self_contained(f, self.layout.index, virtual_ok=COLUMNS)
+                self.index = read_index(f)
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Build the lookups over self.index's shards; unusable shards are quarantined."""
         self._class_index = {c: i for i, c in enumerate(self.index.classes)}
         self.failed: dict[str, str] = {p: s for p, (s, _) in self.index.failures.items()}
         self._added: dict[str, str | None] = {}  # path -> sha since the last commit; None: gone
         self._added_sha: dict[str, list[str]] = {}  # sha -> paths added since the last commit
         if self._where is not None:
             self._where.close()
-        self._where = RowIndex(self._shard_dir)
+        self._where = RowIndex(self.layout.parts)
         bad = self._where.load(self.index.shards, int(self.backbone["dim"]))
         if bad:
             for shard, exc in bad:
-                self._quarantine(self._shard_dir / shard.name, exc)
+                self._quarantine(self.layout.shard(shard.name), exc)
                 self.index.shards.remove(shard)
-            write_index(self._real, self.backbone, self.index)
+            write_index(self.layout.index, self.backbone, self.index)
             self._load()  # the quarantined rows are gone: rebuild the lookups without them
 
     def _quarantine(self, file: Path, why) -> None:
-        """Move an unusable shard or part aside and say so in one line; the run goes on."""
-        target_dir = quarantine_dir(self._real)
-        if file.exists():
+        """Move an unusable shard or part aside, inside the store, and say so in one line;
+        the run goes on."""
+        target_dir = self.layout.quarantine
+        if os.path.lexists(file):
             target_dir.mkdir(exist_ok=True)
             shutil.move(str(file), target_dir / file.name)
             where = f"moved to {target_dir}/"
@@ -178,40 +179,47 @@ class StoreWriter:
         log.warning(f"embedstore: warning: {file} cannot be used ({why}); {where}, left out of "
                     f"{self.path} (its images are re-embedded by the next extract)")
 
-    def _finish_format1(self) -> None:
-        """Upgrade a format-1 store and replay format-1 parts a killed writer left."""
-        if self._format1:
-            _legacy.import_store(self._real, self)
-        for part in _legacy.part_files(self._parts):
+    def _adopt(self, legacy: Layout) -> None:
+        """Take every row of a format-1/2 store into this new, empty store directory:
+        format-2 shards are hard-linked (copied where links are refused), format-1 rows
+        copied into shards, and parts a killed format-1 writer left replayed."""
+        absorbed = 0
+        if legacy.index.is_file():
+            with open_h5(legacy.index) as f:
+                check_self_contained(f, legacy.index, virtual_ok=COLUMNS)
+                version = int(f.attrs.get("format_version", 1))
+                absorbed = int(f.attrs.get("absorbed_seq", 0))
+                old = read_index(f) if version == 2 else None
+            if old is not None:
+                self.layout.parts.mkdir(exist_ok=True)
+                for shard in old.shards:
+                    source = legacy.shard(shard.name)  # the name is checked first
+                    if is_regular_file(source):
+                        _link_or_copy(source, self.layout.shard(shard.name))
+                self.index = old
+                self._index_rows()  # a shard missing or unreadable is quarantined here
+            else:
+                _legacy.import_store(legacy.index, self)
+        for part in _legacy.part_files(legacy.parts):
             seq = _legacy.part_seq(part)
-            if seq is None:
-                self._quarantine(part, "not a part-<number>.h5 name")
-                continue
-            if seq <= self.index.absorbed_seq:
-                part.unlink()  # replayed before a crash
-                continue
+            if seq is None or seq <= absorbed:
+                continue  # an odd name, or replayed before a crash: left with the old files
             try:
                 _legacy.replay_part(part, self)
             except (OSError, KeyError, ValueError) as exc:
                 self.pending = PendingRows()
                 self._quarantine(part, exc)
                 continue
-            self.index.absorbed_seq = seq
             self._commit(force_index=True)
-            part.unlink()
-            self.changed = True
-        if self._format1:
-            self._commit(force_index=True)  # the store file becomes a format-2 index
-            self._format1 = False
-            self.changed = True
+        self._commit(force_index=True)
 
     def _remove_orphan_shards(self) -> None:
         """Shard files no index names: written by a writer killed before its commit point."""
-        if not self._shard_dir.is_dir():
+        if not self.layout.parts.is_dir():
             return
         named = {s.name for s in self.index.shards}
-        for p in self._shard_dir.glob("shard-*.h5"):
-            if p.name not in named:
+        for p in self.layout.parts.iterdir():
+            if SHARD_NAME.fullmatch(p.name) and p.name not in named:
                 p.unlink()
 
     # what is known -------------------------------------------------------------------
@@ -346,9 +354,9 @@ class StoreWriter:
 
     def _publish(self, dropped: list[Shard]) -> None:
         """The commit point: replace the index, then delete the shards it no longer names."""
-        write_index(self._real, self.backbone, self.index)
+        write_index(self.layout.index, self.backbone, self.index)
         for shard in dropped:
-            (self._shard_dir / shard.name).unlink(missing_ok=True)
+            self.layout.shard(shard.name).unlink(missing_ok=True)
 
     def _apply_pending(self) -> bool:
         """Turn pending work into tombstones, failures and one new shard (not yet published)."""
@@ -438,9 +446,10 @@ class StoreWriter:
 
     def _add_shard(self, blocks, n_rows: int, path_width: int) -> Shard:
         """Write a shard of `blocks` and index its rows (found from now on)."""
-        self._shard_dir.mkdir(exist_ok=True)
-        shard = write_shard(self._shard_dir, self._next_seq(), self.backbone, blocks, n_rows,
+        self.layout.parts.mkdir(exist_ok=True)
+        shard = write_shard(self.layout.parts, self._next_seq(), self.backbone, blocks, n_rows,
                             path_width)
+        self._verified.add(shard.seq)
         self.index.shards.append(shard)
         self._where.add(shard, int(self.backbone["dim"]))
         return shard
@@ -453,7 +462,12 @@ class StoreWriter:
             at = np.flatnonzero(seqs == seq)
             rows = locs[at] & ROW_MASK
             order = np.argsort(rows)
-            with h5py.File(self._shard_dir / self._where.shards[int(seq)].name, "r") as f:
+            shard = self._where.shards[int(seq)]
+            if not self._checksum_ok(shard):
+                raise StoreError(f"{self.layout.shard(shard.name)}: {CHANGED}, so its vectors are "
+                                 f"not copied; run `embedstore compact {self.path}` to move it "
+                                 "aside (its images are then embedded again), and re-run")
+            with h5py.File(self.layout.shard(shard.name), "r") as f:
                 out[at[order]] = gather(vectors_of(f), rows[order])
         return out
 
@@ -472,6 +486,11 @@ class StoreWriter:
         group = [s for s in self.index.shards
                  if s.n_live < target_rows or len(s.dead) > dead_fraction * s.rows]
         total = sum(s.n_live for s in group)
+        if group and (always or total >= target_rows):
+            # never fold a changed file into a new shard with a fresh checksum
+            self._drop_corrupt(group)
+            group = [s for s in group if s in self.index.shards]
+            total = sum(s.n_live for s in group)
         if not group or (not always and total < target_rows) or (
                 len(group) == 1 and not group[0].dead and always):
             return []
@@ -495,7 +514,7 @@ class StoreWriter:
     def _live_blocks(self, shards: list[Shard]):
         for s in shards:
             live = s.live()
-            with h5py.File(self._shard_dir / s.name, "r") as f:
+            with h5py.File(self.layout.shard(s.name), "r") as f:
                 cols = {c: f[c][()][live] for c in ("paths", "sha256", "labels", "views")}
                 vectors = vectors_of(f)
                 for a in range(0, len(live), COPY_BLOCK_ROWS):
@@ -503,16 +522,40 @@ class StoreWriter:
                     yield Rows(gather(vectors, live[take]), cols["paths"][take],
                                cols["sha256"][take], cols["labels"][take], cols["views"][take])
 
+    def _checksum_ok(self, shard: Shard) -> bool:
+        """Whether a shard file still has the sha256 the index recorded (checked once)."""
+        if shard.seq not in self._verified:
+            if file_sha256(self.layout.shard(shard.name)) != shard.sha256:
+                return False
+            self._verified.add(shard.seq)
+        return True
+
+    def _drop_corrupt(self, shards: list[Shard]) -> list[Shard]:
+        """Quarantine the shards whose file changed on disk; their rows leave the store
+        (the next extract embeds those images again)."""
+        bad = [s for s in shards if not self._checksum_ok(s)]
+        for shard in bad:
+            self._quarantine(self.layout.shard(shard.name), CHANGED)
+        if bad:
+            self.index.shards = [s for s in self.index.shards if s not in bad]
+            self._where.retire(bad)
+        return bad
+
     def compact(self, target_rows: int) -> dict:
-        """Fold every shard smaller than `target_rows` or more than a quarter tombstoned."""
+        """Check every shard's checksum (a changed one is quarantined), then fold every
+        shard smaller than `target_rows` or more than a quarter tombstoned."""
         with self._mutex:
             self.commit()
             before = len(self.index.shards)
+            corrupt = self._drop_corrupt(list(self.index.shards))
             dropped = self._drop_empty_shards() + self._fold(target_rows, 0.25, always=True)
+            if corrupt and not dropped:
+                self._publish([])
             if dropped:
                 self._publish(dropped)
         return {"shards_before": before, "shards_after": len(self.index.shards),
-                "rows_rewritten": sum(s.n_live for s in dropped)}
+                "rows_rewritten": sum(s.n_live for s in dropped),
+                "quarantined": [s.name for s in corrupt]}
 
 
 class _Batch:
@@ -564,3 +607,176 @@ class _Lookup:
 
     def __contains__(self, key: str) -> bool:
         return self._find(key) is not None
+
+
+# --- the store directory, and upgrading format-1/2 files into one ------------------------
+
+def _check_same_backbone(theirs: dict, backbone: dict, where: Path, store: Path) -> None:
+    try:
+        check_same_backbone(BackboneRef.from_dict(theirs, where),
+                            BackboneRef.from_dict(backbone, "the writer"), str(store),
+                            "this extraction", advice=f"write to another store, or extract "
+                                                      f"with --backbone {theirs['name']}")
+    except BackboneError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _prepare_directory(root: Path, shown: Path) -> None:
+    """Make the store directory, or check that an existing folder is a store (or empty)."""
+    if not root.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        return
+    if not root.is_dir():
+        raise StoreError(f"{shown} is not a folder; give a new path for the store")
+    if (root / INDEX).exists():
+        return
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.name not in OWN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise StoreError(f"{shown} is a folder that is not an embedstore store (it holds "
+                         f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                         "give a new path for the store")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
+def upgrade_legacy(root: Path, backbone: dict, shown: Path) -> bool:
+    """Turn a format-1/2 store at ROOT (a file, with ROOT.parts/ beside it) into a store
+    directory at the same path; True if it did. The directory is built beside it (shards
+    hard-linked), then swapped in with one atomic rename, under an flock on the old file:
+    two writers through two hard links of it cannot both upgrade it. Only the old store's
+    own files are removed afterwards."""
+    if not root.is_file():
+        _finish_interrupted_upgrade(root)  # no upgrade can be running: nothing to flock
+    legacy = Layout(root, legacy=True)
+    parts_only = not root.exists() and bool(_legacy.part_files(legacy.parts))
+    if not root.is_file() and not parts_only:
+        return False
+    fd = _lock_file(root, shown) if not parts_only else None
+    try:
+        if fd is not None:
+            if not _names(root, fd):
+                return False  # another writer upgraded it while we waited
+            _finish_interrupted_upgrade(root)  # under the flock: leftovers of killed runs
+        theirs = _legacy_backbone(legacy)
+        if theirs is None:
+            return False
+        _check_same_backbone(theirs, backbone, legacy.index, shown)
+        building = root.with_name(f".{root.name}.upgrade-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        with StoreWriter(building, theirs) as writer:
+            writer._adopt(legacy)
+        old = _swap_in(building, root)
+        if old is not None:
+            old.unlink(missing_ok=True)
+        for part in (legacy.parts.iterdir() if legacy.parts.is_dir() else []):
+            if (SHARD_NAME.fullmatch(part.name) or _legacy.part_seq(part) is not None) \
+                    and is_regular_file(part):
+                part.unlink()
+        try:
+            legacy.parts.rmdir()  # only when nothing but our own files was in it
+        except OSError:
+            pass
+        log.info(f"embedstore: upgraded {shown} to a store folder (format 3)")
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_file(path: Path, shown: Path) -> int:
+    """An exclusive lock on the file itself (every hard link of it shares it). An OFD
+    record lock: HDF5 takes flock()s on the files it opens, which these do not meet."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except PermissionError:
+        raise StoreError(f"{shown} is read-only here; it must be upgraded to a store folder "
+                         "before anything is added to it: give write access") from None
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37),
+                    struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        os.close(fd)
+        raise StoreError(f"{shown} is being upgraded by another process; wait for it to "
+                         "finish") from None
+    return fd
+
+
+def _legacy_backbone(legacy: Layout) -> dict | None:
+    for candidate in [legacy.index] + _legacy.part_files(legacy.parts)[:1]:
+        if candidate.is_file():
+            with open_h5(candidate) as f:
+                return backbone_attrs(f)
+    return None
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _swap_in(new: Path, root: Path) -> Path | None:
+    """Put directory NEW at ROOT in one atomic step; returns where the old ROOT now is."""
+    if not root.exists():
+        os.rename(new, root)
+        fsync_path(root.parent, directory=True)
+        return None
+    try:
+        _renameat2(new, root, _RENAME_EXCHANGE)
+        old = new
+    except OSError:  # no renameat2 here: two renames, finished by the next writer on a crash
+        old = root.with_name(f".{root.name}.legacy-{os.getpid()}")
+        os.rename(root, old)
+        os.rename(new, root)
+    fsync_path(root.parent, directory=True)
+    return old
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        raise OSError("renameat2 is not available")
+    at_cwd = -100
+    if function(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), flags) != 0:
+        errno_ = ctypes.get_errno()
+        raise OSError(errno_, os.strerror(errno_))
+
+
+def _finish_interrupted_upgrade(root: Path) -> None:
+    """An upgrade killed between its two fallback renames left ROOT missing, the old file
+    at `.NAME.legacy-PID` and the finished directory at `.NAME.upgrade-PID`: put the
+    directory in place. Other leftovers of killed upgrades are removed. Called only where
+    no other upgrade of ROOT can be running."""
+    leftovers = [p for p in root.parent.glob(f".{glob_escape(root.name)}.*")
+                 if re.fullmatch(rf"\.{re.escape(root.name)}\.(upgrade|legacy)-\d+", p.name)]
+    if not leftovers:
+        return
+    old_files = [p for p in leftovers if ".legacy-" in p.name]
+    built = [p for p in leftovers if ".upgrade-" in p.name and (p / INDEX).is_file()]
+    if not root.exists() and old_files and built:
+        os.rename(built[0], root)
+        leftovers.remove(built[0])
+    if root.exists():
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
