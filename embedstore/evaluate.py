@@ -128,7 +128,7 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
         if manifest.val_fraction <= 0:
             raise EvaluationError(f"{head_dir} was trained with --val-fraction 0, so it has no "
                                   "validation split; give a labelled test STORE to evaluate on")
-        if not Path(manifest.store).is_file():
+        if not Path(manifest.store).exists():
             raise EvaluationError(f"{head_dir} was trained on {manifest.store}, which no longer "
                                   "exists; give a labelled test STORE to evaluate on")
         split = load_split(manifest.store, manifest.val_fraction, manifest.seed,

@@ -28,7 +28,7 @@ def _rows_by_path(store) -> dict:
 
 
 def test_sample_store_matches_the_schema(sample_store):
-    with h5py.File(sample_store, "r") as f:
+    with h5py.File(sample_store / "index.h5", "r") as f:
         assert f.attrs["format"] == "embedstore"
         assert f.attrs["backbone_name"] == "mobilenet_v2"
         n = f["embeddings"].shape[0]
@@ -49,7 +49,7 @@ def test_info_json_agrees_with_h5py(sample_store):
     result = CliRunner().invoke(cli, ["info", str(sample_store), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    with h5py.File(sample_store, "r") as f:
+    with h5py.File(sample_store / "index.h5", "r") as f:
         assert info["rows"] == f["embeddings"].shape[0]
         assert info["dim"] == f["embeddings"].shape[1]
         assert info["images"] == len({s for s in f["sha256"][()]})
@@ -149,7 +149,7 @@ def test_a_store_never_mixes_backbones(tmp_path):
     with StoreWriter(store, meta) as w:
         w.add(np.ones((1, 4)), ["p.png"], ["s" * 64], ["cls"])
     with pytest.raises(StoreError, match="this extraction uses backbone b .* but .*x.h5 uses "
-                                         "a .* another store file, or extract with --backbone a"):
+                                         "a .* another store, or extract with --backbone a"):
         StoreWriter(store, {**meta, "name": "b", "fingerprint": "e" * 64})
 
 
@@ -193,7 +193,7 @@ def test_kill_minus_nine_then_rerun_embeds_each_image_once(tmp_path):
     assert summary["embedded"] <= 300 - 8 * committed and summary["failed"] == 0
     with open_store(store) as s:
         assert s.n_rows == 300 and len(set(s.paths)) == 300
-    assert not list(store.parent.glob(".*.tmp-*")) and not store.with_suffix(".h5.lock").exists()
+    assert not list(store.glob(".*.tmp-*")) and not (store / "lock").exists()
 
 
 def test_cli_extract_summary_and_errors(small_tree, tmp_path):

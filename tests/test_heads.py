@@ -201,7 +201,7 @@ def test_bad_training_stores_get_clear_errors(tmp_path):
     assert 1 in tiny.y_train
     # ... and a class left without rows on disk (a pruned class) is not listed by the store
     edited = _store(tmp_path / "edited", [0, 1] * 3, lambda x: "ab"[x])
-    with h5py.File(edited, "r+") as f:
+    with h5py.File(edited / "index.h5", "r+") as f:
         del f["classes"]
         f.create_dataset("classes", data=["a", "b", "c"], dtype=h5py.string_dtype())
     assert load_split(edited).classes == ["a", "b"]

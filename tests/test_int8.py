@@ -44,7 +44,7 @@ def int8_store(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 def test_int8_is_calibrated_on_the_images_and_is_its_own_backbone(int8_store):
     work, images, said = int8_store
-    directory = Path(f"{work / 'train.h5'}.int8")
+    directory = work / "train.h5" / "int8"  # inside the store: it moves with it
     meta = int8.describe(directory)
     assert meta["based_on"] == "mobilenet_v2"
     assert meta["calibration"]["images"] == 32 and meta["calibration"]["source"] == str(images)
@@ -66,7 +66,8 @@ def test_int8_is_calibrated_on_the_images_and_is_its_own_backbone(int8_store):
     assert abs(meta["fidelity"]["min_cosine"] - cosine.min()) < 0.02
 
 
-def test_a_rerun_reuses_the_stores_int8_model(int8_store, monkeypatch):
+def test_a_rerun_reuses_the_stores_int8_model_also_after_a_move(int8_store, monkeypatch,
+                                                                 tmp_path):
     work, images, _ = int8_store
 
     def no_calibration(*args, **kwargs):
@@ -75,13 +76,19 @@ def test_a_rerun_reuses_the_stores_int8_model(int8_store, monkeypatch):
     monkeypatch.setattr(int8, "quantize", no_calibration)
     again = extract(images, work / "train.h5", runtime="int8")
     assert (again.embedded, again.unchanged) == (0, 32)
+    moved = tmp_path / "moved.h5"
+    shutil.copytree(work / "train.h5", moved, symlinks=True)
+    with open_store(moved) as s:
+        assert s.backbone["name"] == str(moved.resolve() / "int8")
+    again = extract(images, moved, runtime="int8")
+    assert (again.embedded, again.unchanged) == (0, 32)
 
 
 def test_int8_and_fp32_vectors_never_mix(int8_store, tmp_path, monkeypatch):
     work, images, _ = int8_store
     result = CliRunner().invoke(cli, ["extract", str(images), str(work / "train.h5")])
     assert result.exit_code != 0
-    assert f"extract with --backbone {Path(f'{work}/train.h5.int8').resolve()}" in str(
+    assert f"extract with --backbone {(work / 'train.h5' / 'int8').resolve()}" in str(
         result.exception)
     fp32_store = tmp_path / "fp32.h5"
     extract(images, fp32_store)
@@ -93,7 +100,7 @@ def test_int8_and_fp32_vectors_never_mix(int8_store, tmp_path, monkeypatch):
 def test_a_test_set_embedded_with_the_int8_directory_evaluates_and_predicts(int8_store,
                                                                            tmp_path):
     work, _, _ = int8_store
-    directory = f"{work / 'train.h5'}.int8"
+    directory = str(work / "train.h5" / "int8")
     test_images = _tree(tmp_path / "test", slice(8, 12))
     runner = CliRunner()
     out = runner.invoke(cli, ["extract", str(test_images), str(tmp_path / "test.h5"),
