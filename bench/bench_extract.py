@@ -160,7 +160,7 @@ def main() -> None:
     if not a.no_int8:  # a calibrated model for the model-only runs, outside any timing
         calibration = _fresh(a.work / "calibration.h5")
         run_child(EXTRACT, str(datasets[-1][2]), str(calibration), "int8")
-        int8_dir = f"{calibration}.int8"
+        int8_dir = f"{calibration}/int8"
     run_child(MODEL_ONLY, "tflite", "1", "")  # converts once into the cache, outside any timing
     fidelity = run_child(FIDELITY, str(datasets[0][2]))
 

@@ -8,7 +8,7 @@
    (StratifiedGroupKFold by content hash, the same folds for both).
 2. Fashion-MNIST (Debian `dataset-fashion-mnist`), 60k train / 10k test as
    PNG trees: train extracted with `--runtime int8` (calibrated on 300 of the
-   train images), test with `--backbone TRAIN.int8`; fp32 both with the
+   train images), test with `--backbone TRAIN/int8`; fp32 both with the
    default runtime. Default logreg head on train, accuracy on test; cosine
    on the test images.
 """
@@ -93,7 +93,7 @@ def fashion_mnist_section(work: Path) -> list:
         if not trees[split].exists():
             write_pngs(trees[split], split)
     train = extract_pair(trees["train"], work, "fm-train")
-    test = extract_pair(trees["test"], work, "fm-test", f"{train['int8']['store']}.int8")
+    test = extract_pair(trees["test"], work, "fm-test", f"{train['int8']['store']}/int8")
     acc, cos = {}, None
     for kind in ("fp32", "int8"):
         Xtr, ytr, _, _ = rows(train[kind]["store"])
@@ -116,7 +116,7 @@ def main() -> None:
     results = [sample_section(a.work)]
     if not a.skip_fashion_mnist:
         results.append(fashion_mnist_section(a.work))
-    meta = int8.describe(f"{a.work / 'sample-int8.h5'}.int8")
+    meta = int8.describe(f"{a.work / 'sample-int8.h5'}/int8")
     body = table(["data", "images", "min cosine int8/fp32", "median cosine", "fp32 logreg acc",
                   "int8 logreg acc", "int8 - fp32", "extract img/s fp32 / int8",
                   "int8 start-up s (calibration)"], results)

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import report, run_child, table  # noqa: E402
-from embedstore.store import StoreWriter, parts_dir  # noqa: E402
+from embedstore.store import StoreWriter  # noqa: E402
 from embedstore.store._lock import acquire_lock, release_lock  # noqa: E402
 
 DIM = 1280
@@ -82,11 +82,11 @@ print(json.dumps({"open_s": open_s, "hwm_mb": int(hwm) / 1024}))
 def reopen_in_child(w: StoreWriter) -> dict:
     """Time a fresh writer opening the store, in a child process. The running writer lends
     it the lock and takes it back; the child changes nothing, so its state stays current."""
-    release_lock(w._lock_fd, w._real)
+    release_lock(w._lock_fd, w.layout.lock)
     try:
         return run_child(WRITER_CHILD, str(w.path), json.dumps(META))
     finally:
-        w._lock_fd = acquire_lock(w._real)
+        w._lock_fd = acquire_lock(w.layout.lock, w.path)
 
 
 def commit_batch(w: StoreWriter, n: int, base: np.ndarray, prefix: str = "c") -> float:
@@ -114,12 +114,11 @@ def probe(w: StoreWriter, n: int, small_store: Path, base) -> tuple[float, float
 
 
 def remove_store(store: Path) -> None:
-    shutil.rmtree(parts_dir(store), ignore_errors=True)
-    store.unlink(missing_ok=True)
+    shutil.rmtree(store, ignore_errors=True)
 
 
 def disk_bytes(store: Path) -> int:
-    return store.stat().st_size + sum(p.stat().st_size for p in parts_dir(store).iterdir())
+    return sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
 
 
 def main() -> None:
