@@ -244,3 +244,12 @@ def test_a_folder_that_is_not_a_store_is_never_written_into(tmp_path):
     with pytest.raises(StoreError, match="not an embedstore store"):
         StoreWriter(folder, META)
     assert sorted(p.name for p in folder.iterdir()) == ["cat.jpg"]
+
+
+def test_the_index_file_names_its_store(tmp_path):
+    store = tmp_path / "s.h5"
+    commit_batches(store, 1, 3)
+    with StoreWriter(store / "index.h5", META) as w:  # as the h5py snippet spells it
+        add_batch(w, 10, 2)
+    assert store.is_dir() and (store / "index.h5").is_file()
+    assert len(by_path(store / "index.h5")) == 5 and verify(store)["ok"]

@@ -75,9 +75,17 @@ class Layout:
         return self.parts / name
 
 
+def store_root(store: str | Path) -> Path:
+    """The store a path names, symlinks resolved: STORE/index.h5 names its folder."""
+    root = Path(store).resolve()
+    if root.name == INDEX and root.is_file() and (root.parent / PARTS).is_dir():
+        return root.parent
+    return root
+
+
 def layout(store: str | Path) -> Layout:
     """The layout of STORE as it is on disk now (a missing store is a new directory)."""
-    root = Path(store).resolve()
+    root = store_root(store)
     return Layout(root, legacy=root.is_file())
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import logging
 
 from embedstore.store import _legacy
-from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, open_h5,
-                                      real_path)
+from embedstore.store._format import COPY_BLOCK_ROWS, StoreError, backbone_attrs, open_h5
 from embedstore.store._index import COLUMNS, read_index
-from embedstore.store._layout import (PARTS, check_self_contained, is_regular_file, layout)
+from embedstore.store._layout import (PARTS, check_self_contained, is_regular_file, layout,
+                                      store_root)
 from embedstore.store._shard import file_sha256
 from embedstore.store.reader import StoreReader, open_store
 from embedstore.store.writer import CHANGED, StoreWriter
@@ -66,9 +66,9 @@ def merge_stores(sources, out: str | Path) -> dict:
     in two sources the later source wins; classes are matched by name; a failure
     is kept only for a path no source has rows for.
     """
-    out_real = real_path(out)
+    out_real = store_root(out)
     sources = [Path(s) for s in sources]
-    readers = [open_store(s) for s in sources if real_path(s) != out_real]
+    readers = [open_store(s) for s in sources if store_root(s) != out_real]
     try:
         fingerprints = {r.backbone["fingerprint"]: r.path for r in readers}
         if len(fingerprints) > 1:

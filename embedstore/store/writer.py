@@ -31,10 +31,10 @@ from embedstore.backbones import BackboneError
 from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.store import _legacy
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
-                                      fixed, fsync_path, open_h5, real_path)
+                                      fixed, fsync_path, open_h5)
 from embedstore.store._index import COLUMNS, SHA_WIDTH, Index, Shard, read_index, write_index
 from embedstore.store._layout import (INDEX, OWN_ENTRIES, SHARD_NAME, Layout, check_inside,
-                                      check_self_contained, is_regular_file)
+                                      check_self_contained, is_regular_file, store_root)
 from embedstore.store._lock import acquire_lock, release_lock
 from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
 from embedstore.store._shard import Rows, file_sha256, write_shard
@@ -87,7 +87,7 @@ class StoreWriter:
         self._where: RowIndex | None = None
         self._lock_fd: int | None = None
         self._verified: set[int] = set()  # shards whose checksum this writer has checked
-        root = real_path(self.path)  # a symlinked store stays a symlink
+        root = store_root(self.path)  # a symlinked store stays a symlink
         self.changed = upgrade_legacy(root, backbone, self.path)  # whether opening changed it
         self.layout = Layout(root)
         _prepare_directory(root, self.path)
@@ -666,6 +666,9 @@ def upgrade_legacy(root: Path, backbone: dict, shown: Path) -> bool:
         theirs = _legacy_backbone(legacy)
         if theirs is None:
             return False
+        if _format_version(legacy.index) > 2:
+            raise StoreError(f"{shown} is a store's index file, not a store; give the store's "
+                             "folder instead")
         _check_same_backbone(theirs, backbone, legacy.index, shown)
         building = root.with_name(f".{root.name}.upgrade-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
@@ -713,6 +716,13 @@ def _legacy_backbone(legacy: Layout) -> dict | None:
             with open_h5(candidate) as f:
                 return backbone_attrs(f)
     return None
+
+
+def _format_version(index: Path) -> int:
+    if not index.is_file():
+        return 1
+    with open_h5(index) as f:
+        return int(f.attrs.get("format_version", 1))
 
 
 def _names(path: Path, fd: int) -> bool:
