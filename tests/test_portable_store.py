@@ -253,3 +253,23 @@ def test_the_index_file_names_its_store(tmp_path):
         add_batch(w, 10, 2)
     assert store.is_dir() and (store / "index.h5").is_file()
     assert len(by_path(store / "index.h5")) == 5 and verify(store)["ok"]
+
+
+def test_links_planted_in_a_store_are_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    store = tmp_path / "s.h5"
+    commit_batches(store, 2, 3)
+    (store / "lock").symlink_to(victim)  # a writer would truncate and write its pid there
+    with pytest.raises(StoreError, match="lock file"):
+        StoreWriter(store, META)
+    (store / "lock").unlink()
+    planted = store / f".index.h5.tmp-{os.getpid()}"  # the temp name this writer will use
+    planted.symlink_to(victim)
+    with StoreWriter(store, META) as w:
+        add_batch(w, 10, 1)
+    (store / "parts").rename(tmp_path / "elsewhere")
+    (store / "parts").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="symbolic link"):
+        open_store(store)
+    assert victim.read_text() == "keep me"

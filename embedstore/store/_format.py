@@ -62,7 +62,7 @@ def backbone_attrs(f: h5py.File, root: Path | None = None) -> dict:
     name = str(f.attrs.get("backbone_name", ""))
     if name.startswith("store:") and root is not None:
         inside = name[len("store:"):]
-        if not inside or "/" in inside or inside in (".", ".."):
+        if not inside or "/" in inside or inside in (".", "..") or (root / inside).is_symlink():
             raise StoreError(f"{f.filename}: backbone name {name!r} leads outside the store")
         name = str(root / inside)
     return {"name": name,
@@ -147,6 +147,7 @@ def atomic_h5(path: Path, size_hint: int = 0) -> Iterator[h5py.File]:
     """
     tmp = temp_name(path)
     in_memory = size_hint <= IN_MEMORY_BYTES
+    tmp.unlink(missing_ok=True)  # never write through a link planted at our temp name
     try:
         if not in_memory and shutil.disk_usage(path.parent).free < size_hint * 1.05 + (1 << 24):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -172,7 +173,7 @@ def atomic_h5(path: Path, size_hint: int = 0) -> Iterator[h5py.File]:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:

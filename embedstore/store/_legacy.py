@@ -34,7 +34,7 @@ def part_files(parts: Path) -> list[Path]:
     """Format-1 part files, numbered ones in order, then any oddly named ones."""
     if not parts.is_dir():
         return []
-    files = list(parts.glob("part-*.h5"))
+    files = [p for p in parts.glob("part-*.h5") if p.is_file() and not p.is_symlink()]
     return sorted(files, key=lambda p: (part_seq(p) is None, part_seq(p) or 0, p.name))
 
 

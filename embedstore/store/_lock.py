@@ -31,7 +31,11 @@ def acquire_lock(path: Path, store: str | Path) -> int:
     """Take the writer lock file `path` of STORE (non-blocking); a StoreError if another
     writer has it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: a crafted store's `lock -> /etc/passwd` is not opened
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot open the store's lock file ({exc.strerror}); "
+                             "it must be a plain file inside the store: remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
