@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import report, table  # noqa: E402
 
 from embedstore.backbones import runtimes  # noqa: E402
+from embedstore.backbones.runtimes import tflite as _tflite  # noqa: E402,F401  (runtimes.tflite)
 
 
 def _interpreter(batch: int, threads: int):
-    it = runtimes._interpreter_class()(model_path=str(runtimes._mobilenet_v2_tflite_path()),
+    it = runtimes.tflite._interpreter_class()(model_path=str(runtimes.tflite._mobilenet_v2_tflite_path()),
                                        num_threads=threads)
     inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
     it.resize_tensor_input(inp, [batch, 224, 224, 3])

@@ -10,18 +10,43 @@ import click
 from embedstore.engines import ENGINES
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
-RUNTIME_HELP = ("Where the backbone runs: tflite (fp32 on XNNPACK, ~3x TensorFlow, converted "
-                "once and cached; same embeddings within 1e-4) or keras (TensorFlow).")
-RUNTIME_OPTION = click.option("--runtime", type=click.Choice(["tflite", "keras"]),
-                              default="tflite", show_default=True,
-                              help=RUNTIME_HELP + " A head on an int8 backbone runs it on "
-                                                  "OpenVINO whatever this says.")
-EXTRACT_RUNTIME_OPTION = click.option(
-    "--runtime", type=click.Choice(["tflite", "keras", "int8"]), default="tflite",
-    show_default=True,
-    help=RUNTIME_HELP + " int8: OpenVINO int8 (~2x tflite, cosine to fp32 ~0.97), "
-         "calibrated once on up to 300 of these images and saved as STORE.int8; its vectors "
-         "never mix with fp32 ones (needs pip install 'embedstore[int8]').")
+class _RegistryChoice(click.Choice):
+    """click.Choice over a registry that is imported only when a value is checked."""
+
+    def __init__(self, load):  # click.Choice.__init__ would read the registry now
+        self._load = load
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        return tuple(self._load())
+
+
+class _RuntimeOption(click.Option):
+    """--runtime, its choices and help read from the runtime registry when used."""
+
+    def __init__(self, *args, extract: bool = False, **kwargs):
+        super().__init__(*args, type=_RegistryChoice(lambda: _runtime_choices(extract)),
+                         default="auto", show_default=True, metavar="RUNTIME", **kwargs)
+        self.extract = extract
+
+    def get_help_record(self, ctx):
+        from embedstore.backbones.runtimes import runtime_help
+
+        self.help = "Where the backbone runs: " + runtime_help(self.extract)
+        if not self.extract:
+            self.help += " A head on an int8 backbone runs it on OpenVINO whatever this says."
+        return super().get_help_record(ctx)
+
+
+def _runtime_choices(extract: bool) -> list[str]:
+    from embedstore.backbones.runtimes import runtime_choices
+
+    return runtime_choices(extract)
+
+
+RUNTIME_OPTION = click.option("--runtime", cls=_RuntimeOption)
+EXTRACT_RUNTIME_OPTION = click.option("--runtime", cls=_RuntimeOption, extract=True)
 
 BACKBONE_HELP = ("Backbone: mobilenet_v2 (default, offline), keras:<Application>[@weights.h5], "
                  "hub:<handle-or-SavedModel-dir>, or a directory saved by embedstore.")
@@ -418,18 +443,6 @@ class _HeadOption(click.Option):
     def get_help_record(self, ctx):
         self.help = _flag_help(self.opts[0], self.multi)
         return super().get_help_record(ctx)
-
-
-class _RegistryChoice(click.Choice):
-    """click.Choice over a registry that is imported only when a value is checked."""
-
-    def __init__(self, load):  # click.Choice.__init__ would read the registry now
-        self._load = load
-        self.case_sensitive = True
-
-    @property
-    def choices(self):
-        return tuple(self._load())
 
 
 def _head_names():

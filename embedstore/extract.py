@@ -17,9 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.backbones import Backbone, BackboneError, int8
-from embedstore.backbones.reference import canonical_name
-from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
+from embedstore.backbones import Backbone
+from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store
 from embedstore.engines import EngineJob, get_engine
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
@@ -66,6 +65,7 @@ class ExtractResult:
     new_failures: list[dict]
     startup_seconds: float = 0.0  # loading the backbone (converting it, the first time)
     runtime: str = ""
+    device: str = ""  # CPU, or the GPU the backbone ran on
     stages: dict = field(default_factory=dict)  # stage -> seconds, see Progress.stages
 
 
@@ -96,10 +96,10 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
     started = time.monotonic()
     source = scan(images, follow_links)
-    if isinstance(backbone, str) and runtime == "int8":
-        backbone = _int8_backbone(backbone, Path(store), source, max_pixels, status)
-    elif isinstance(backbone, str):
-        backbone = load_for_inference(backbone, runtime, say=status)
+    if isinstance(backbone, str):
+        backbone = load_for_store(backbone, runtime, Preparation(
+            str(store), _recorded_backbone(Path(store)), layout(store).int8,
+            [r.path for r in source.images], str(source.root), max_pixels), say=status)
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     refs = source.images
     startup = time.monotonic() - started
@@ -168,43 +168,8 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
                          state.unchanged, state.failed, state.pruned, round(state.seconds, 3),
                          round(state.images_per_second, 2), new_failures,
                          startup_seconds=round(startup, 3), runtime=backbone.runtime,
+                         device=backbone.device,
                          stages={k: round(v, 3) for k, v in state.stages.items()})
-
-
-def _int8_backbone(name: str, store: Path, source, max_pixels: int,
-                   say: Callable[[str], None] | None) -> Backbone:
-    """--runtime int8: the quantized model STORE was made with, else one calibrated on
-    (up to 300 of) the images about to be embedded, saved inside the store (STORE/int8)."""
-    say = say or (lambda message: None)
-    recorded = _recorded_backbone(store)
-    if recorded and int8.is_int8_dir(recorded) and \
-            int8.describe(recorded)["based_on"] == canonical_name(name):
-        return load_for_inference(recorded, "int8", say=say)
-    if recorded:
-        raise BackboneError(f"{store} holds vectors of backbone {recorded}; int8 vectors of {name} "
-                            "cannot be mixed with them: extract into a new store, or drop "
-                            "--runtime int8")
-    base = load_for_inference(name, "tflite", say=say)
-    tflite_path = getattr(base.model, "path", None)
-    if base.runtime != "tflite" or tflite_path is None:
-        raise BackboneError(f"{name} cannot be converted to TFLite, so it cannot be quantized "
-                            "to int8; use --runtime tflite or keras")
-    refs = source.images
-    picks = np.unique(np.linspace(0, len(refs) - 1, min(int8.CALIBRATION_IMAGES, len(refs)))
-                      .round().astype(int))  # spread over the sorted tree: every class
-    resizer = Resizer(base.input_size, base.crop_fraction)
-    pixels = [item.image for item in stream([refs[i].path for i in picks], resizer,
-                                            max_pixels=max_pixels) if item.image is not None]
-    if not pixels:
-        raise BackboneError(f"none of the images under {source.root} could be decoded to "
-                            "calibrate the int8 model")
-    say(f"calibrating int8 {name} on {len(pixels)} of your images (once per store)...")
-    quantized = int8.quantize(base, tflite_path, resizer.batch(pixels), layout(store).int8,
-                              str(source.root))
-    fidelity = int8.describe(quantized.name)["fidelity"]
-    say(f"int8 model saved in {quantized.name}: cosine to fp32 min {fidelity['min_cosine']:.3f}, "
-        f"median {fidelity['median_cosine']:.3f} on its calibration images")
-    return quantized
 
 
 def _recorded_backbone(store: Path) -> str | None:

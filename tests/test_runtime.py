@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.backbones import runtimes
+from embedstore.backbones import Backbone, runtimes
+from embedstore.backbones.runtimes import auto, tflite  # noqa: F401  (runtimes.tflite)
 from embedstore.backbones.runtimes import load_for_inference
 from embedstore.extract import extract
 from embedstore.pipeline import Resizer, decode_image, resize_for_backbone, resize_image
@@ -82,10 +83,10 @@ def test_the_cached_conversion_is_reused(tflite_backbone, monkeypatch):
     def no_conversion(*args):
         raise AssertionError("the cached .tflite should have been used")
 
-    monkeypatch.setattr(runtimes, "convert_to_tflite", no_conversion)
+    monkeypatch.setattr(runtimes.tflite, "convert_to_tflite", no_conversion)
     said: list[str] = []
     again = load_for_inference("mobilenet_v2", say=said.append)
-    assert said == ["loading mobilenet_v2 (tflite)..."]
+    assert said == ["loading mobilenet_v2 (tflite on CPU)..."]
     assert again.fingerprint == tflite_backbone.fingerprint
 
 
@@ -98,16 +99,16 @@ def test_a_backbone_that_cannot_be_converted_runs_on_keras_and_says_so(hub_saved
 
 
 def test_unknown_runtime_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown runtime 'gpu'; use one of: tflite, keras, int8"):
+    with pytest.raises(ValueError, match="unknown runtime 'gpu'; use one of: auto, tflite, keras, int8"):
         load_for_inference("mobilenet_v2", "gpu")
 
 
 def test_extract_json_reports_stages_startup_and_runtime(small_tree, tmp_path, tflite_backbone):
     result = CliRunner().invoke(cli, ["extract", str(small_tree), str(tmp_path / "s.h5"), "--json"])
     assert result.exit_code == 0, result.output
-    assert "loading mobilenet_v2 (tflite)..." in result.stderr
+    assert "loading mobilenet_v2 (tflite on CPU)..." in result.stderr
     out = json.loads(result.stdout)
-    assert out["embedded"] == 12 and out["runtime"] == "tflite"
+    assert out["embedded"] == 12 and out["runtime"] == "tflite" and out["device"] == "CPU"
     assert set(out["stages"]) == {"read", "hash", "decode", "resize", "infer", "write"}
     assert out["stages"]["infer"] > 0 and out["stages"]["decode"] > 0
     assert 0 < out["startup_seconds"] < 60 and out["seconds"] > 0
@@ -157,3 +158,44 @@ def test_commit_every_is_honoured_below_the_batch_size(small_tree, tmp_path, tfl
     assert committed[:2] == [5, 5] and sum(committed) == 12  # the last 2 at the end
     with open_store(tmp_path / "s.h5") as s:
         assert len(s.paths) == 12
+
+
+def test_auto_on_a_machine_without_a_gpu_driver_is_tflite_without_importing_tensorflow(
+        tflite_backbone):
+    code = ("import sys; from embedstore.backbones.runtimes import load_for_inference; "
+            "b = load_for_inference('mobilenet_v2'); "
+            "print(b.runtime, b.device, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert out.stdout.split() == ["tflite", "CPU", "False"]
+
+
+def test_auto_asks_tensorflow_only_where_a_gpu_could_be(monkeypatch):
+    monkeypatch.setattr(auto.os.path, "exists", lambda p: p == "/proc/driver/nvidia/version")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert auto.gpu_possible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hidden on purpose
+    assert not auto.gpu_possible() and auto.visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(auto.os.path, "exists", lambda p: False)
+    monkeypatch.setattr(auto.glob, "glob", lambda pattern: [])
+    assert not auto.gpu_possible()
+
+
+@pytest.mark.parametrize("noise, chosen", [(0.0, "mixed"), (0.05, "float32")])
+def test_auto_on_a_gpu_keeps_mixed_precision_only_where_the_vectors_stay(monkeypatch, backbone,
+                                                                        noise, chosen):
+    """The choice on a GPU, with this CPU standing in for it (no GPU in CI): the probe
+    compares real embeddings; a mixed-precision model that moves them is not used."""
+    monkeypatch.setattr(auto, "visible_gpus", lambda: ["/physical_device:GPU:0"])
+    monkeypatch.setattr(auto, "load_backbone", lambda name: backbone)
+    rng = np.random.default_rng(0)
+    bent = Backbone(backbone.name, lambda x: backbone.embed(x) * (1 + noise * rng.standard_normal(
+        (len(x), 1280))).astype(np.float32), 224, 1280, backbone.preprocessing, 0.875,
+        backbone.weights_source, fingerprint=backbone.fingerprint, runtime="tflite")
+    monkeypatch.setattr(auto, "_mixed_precision", lambda name: bent)
+    said: list[str] = []
+    got = load_for_inference("mobilenet_v2", "auto", say=said.append)
+    assert got.device == "/physical_device:GPU:0"
+    assert (got is bent) == (chosen == "mixed")
+    assert said[-1].startswith(f"mobilenet_v2: {'mixed precision' if noise == 0 else 'float32'}")

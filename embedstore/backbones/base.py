@@ -49,6 +49,7 @@ class Backbone:
     classifier: Any = None  # pixels -> ImageNet probabilities, when the weights have it
     fingerprint: str = ""
     runtime: str = "keras"  # else model is a NumPy callable from backbones.runtimes
+    device: str = "CPU"  # where it runs: "CPU", or the GPU the auto runtime chose
 
     def __post_init__(self):
         self._embed = self.model

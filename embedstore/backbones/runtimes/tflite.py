@@ -1,4 +1,4 @@
-"""Where a frozen backbone runs for extract and predict: TFLite (default) or Keras.
+"""The tflite runtime: TFLite fp32 on XNNPACK, the default on a CPU.
 
 TensorFlow reaches ~15% of this CPU's fp32 GEMM rate on MobileNetV2; the
 same graph on TFLite's XNNPACK kernels runs ~2.2x faster with embeddings
@@ -9,14 +9,6 @@ batch, and cached as a .tflite file with a JSON sidecar holding the Keras
 model's fingerprint. The fingerprint is of weights + config, not of the
 runtime, so stores made by either runtime are interchangeable; and the
 sidecar lets a later run load the default backbone with no TensorFlow at all.
-
-Runtimes:
-  tflite   TFLite fp32 on XNNPACK via ai-edge-litert (tf.lite as fallback);
-           a backbone that cannot be converted runs on keras, said once
-  keras    the Keras/TensorFlow model itself
-  int8     OpenVINO int8 (backbones.int8): a quantized backbone directory
-           always runs there; quantizing one needs calibration images, which
-           `extract --runtime int8` takes from the images it embeds
 """
 
 from __future__ import annotations
@@ -32,41 +24,22 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from embedstore.backbones import Backbone, BackboneError, int8, load_backbone
+from embedstore.backbones import Backbone, load_backbone
+from embedstore.backbones.runtimes import Runtime
 from embedstore.quiet import native_output_silenced
 
-RUNTIMES = ("tflite", "keras", "int8")
-DEFAULT_RUNTIME = "tflite"
 TFLITE_FORMAT = 2  # bump when the conversion changes, to invalidate cached .tflite files
 MAX_ABS_DIFF = 1e-4  # a conversion further than this from the Keras model is not used
 
 
-def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIME,
-                       say: Callable[[str], None] | None = None,
-                       threads: int | None = None) -> Backbone:
-    """The backbone `name` on `runtime`, for embedding only (no ImageNet classifier).
-
-    `say` gets one line about what is happening while the model loads
-    (loading, converting once, falling back to keras).
-    """
-    say = say or (lambda message: None)
-    if runtime not in RUNTIMES:
-        raise BackboneError(f"unknown runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
-    if int8.is_int8_dir(name):  # quantized: it runs on OpenVINO whatever the runtime asked
-        say(f"loading {name} (openvino int8)...")
-        return int8.load(name)
-    if runtime == "int8":
-        raise BackboneError(f"{name} is not an int8 backbone; `extract --runtime int8` makes "
-                            "one calibrated on the images it embeds, then give its directory "
-                            "(STORE.int8) as --backbone")
-    if runtime == "keras":
-        say(f"loading {name} (keras)...")
-        return load_backbone(name)
+def load(name: str, say: Callable[[str], None], threads: int | None = None) -> Backbone:
+    """The backbone `name` converted to TFLite (once, then cached), or on keras (said) when
+    it cannot be converted faithfully."""
     if name == "mobilenet_v2":  # its cache key is known without building the model
         path = _mobilenet_v2_tflite_path()
         cached = _cached_backbone(path, None, threads)
         if cached is not None:
-            say(f"loading {name} (tflite)...")
+            say(f"loading {name} (tflite on CPU)...")
             return cached
     say(f"loading {name} (keras, to convert to tflite once)...")
     keras_backbone = load_backbone(name)
@@ -81,6 +54,10 @@ def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIM
         say(f"{name} cannot run on tflite ({exc}); running it on keras")
         return keras_backbone
     return _tflite_backbone(path, meta, threads)
+
+
+RUNTIME = Runtime("tflite", "TFLite fp32 on XNNPACK (~3x TensorFlow on a CPU; converted once "
+                            "and cached; the same embeddings within 1e-4)", load)
 
 
 class ConversionError(Exception):
