@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,46 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# The fast loop, `pytest -m "not tf"`: every test that needs TensorFlow or the real
+# backbone is marked `tf`, by the fixtures it uses or by hand; modules that import
+# TensorFlow when imported are not even collected; and a test of the fast loop that
+# imports TensorFlow fails, naming itself, so the loop stays fast.
+TF_FIXTURES = {"backbone", "hub_savedmodel", "sample_store", "tflite_backbone", "int8_store"}
+# modules about the model itself, marked whole; the first imports TensorFlow when imported
+TF_MODULES = {"test_predict_export.py", "test_backbones.py", "test_dense_defaults.py",
+              "test_finetune.py", "test_int8.py", "test_ray_engine.py", "test_runtime.py"}
+
+
+def _fast_loop(config) -> bool:
+    return "not tf" in (config.option.markexpr or "")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tf: needs TensorFlow or the real backbone; "
+                                       "`pytest -m 'not tf'` leaves these out")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if _fast_loop(config) and collection_path.name == "test_predict_export.py":
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TF_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.path.name in TF_MODULES:
+            item.add_marker(pytest.mark.tf)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_never_import_tensorflow(request):
+    before = "tensorflow" in sys.modules
+    yield
+    if _fast_loop(request.config) and not before and "tensorflow" in sys.modules:
+        pytest.fail(f"{request.node.nodeid} imported TensorFlow: mark it "
+                    "@pytest.mark.tf, or it slows the fast loop")
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "fashion-mnist-sample"
