@@ -22,7 +22,7 @@ from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for
 from embedstore.engines import EngineJob, get_engine
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
-from embedstore.store import StoreWriter, layout, stored_backbone
+from embedstore.store import Writer, layout, open_writer, stored_backbone
 
 
 @dataclass
@@ -107,7 +107,7 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     new_failures: list[dict] = []
     since_commit = 0
 
-    with StoreWriter(store, backbone_meta(backbone)) as writer:
+    with open_writer(store, backbone_meta(backbone)) as writer:
         for skipped in source.skipped:  # links out of the root, unreadable folders
             state.failed += 1
             if not writer.failed_before(skipped.relpath, ""):
@@ -178,7 +178,7 @@ def _recorded_backbone(store: Path) -> str | None:
     return recorded["name"] or None if recorded else None
 
 
-def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
+def _classify(loaded, refs, writer: Writer, root: str, state: Progress,
               new_failures: list, progress):
     """Record known content and failures as they stream past; yield what needs the model."""
     for item in loaded:
@@ -194,7 +194,7 @@ def _classify(loaded, refs, writer: StoreWriter, root: str, state: Progress,
             progress(state)
 
 
-def record_unembedded(writer: StoreWriter, ref, sha: str | None, error: str | None, root: str,
+def record_unembedded(writer: Writer, ref, sha: str | None, error: str | None, root: str,
                       state: Progress, new_failures: list) -> None:
     """A file that needs no model run: a failure, unchanged, or known content at a new path.
 
@@ -205,17 +205,17 @@ def record_unembedded(writer: StoreWriter, ref, sha: str | None, error: str | No
         if not writer.failed_before(ref.relpath, sha or ""):
             writer.add_failure(ref.relpath, sha, error)
             new_failures.append({"path": ref.relpath, "reason": error})
-    elif writer.path_sha.get(ref.relpath) == sha:
+    elif writer.sha_of(ref.relpath) == sha:
         state.unchanged += 1
     else:
         _reuse(writer, ref, sha, root)
         state.reused += 1
 
 
-def _reuse(writer: StoreWriter, ref, sha: str, root: str) -> None:
+def _reuse(writer: Writer, ref, sha: str, root: str) -> None:
     """Known content at a new path: a rename (old path gone) or a copy."""
-    old_paths = [p for p in writer.sha_paths.get(sha, []) if p != ref.relpath]
+    old_paths = [p for p in writer.paths_of(sha) if p != ref.relpath]
     writer.add_copy(ref.relpath, sha, ref.label)
     for old in old_paths:
-        if writer.path_sha.get(old) == sha and not os.path.exists(os.path.join(root, old)):
+        if writer.sha_of(old) == sha and not os.path.exists(os.path.join(root, old)):
             writer.remove(old)

@@ -108,13 +108,13 @@ def _lookups_after_a_rename_and_a_change(store) -> dict:
     commit_batches(store, 3, 10)
     with StoreWriter(store, META) as w:
         assert w.known(sha(5)) and not w.known(sha(99))
-        assert w.path_sha.get("img/7.png") == sha(7) and "img/99.png" not in w.path_sha
-        assert w.sha_paths.get(sha(12)) == ["img/12.png"]
+        assert w.sha_of("img/7.png") == sha(7) and w.sha_of("img/99.png") is None
+        assert w.paths_of(sha(12)) == ["img/12.png"]
         assert w.has_row("img/3.png", sha(3)) and not w.has_row("img/3.png", sha(4))
         w.add(np.full((1, DIM), -1.0), ["img/3.png"], [sha(999)], ["c0"])  # changed content
         w.add_copy("moved/4.png", sha(4), "c1")  # a rename: copy, then the old path goes
         w.remove("img/4.png")
-        assert w.path_sha.get("img/4.png") is None and w.known(sha(999))
+        assert w.sha_of("img/4.png") is None and w.known(sha(999))
     return by_path(store)
 
 
@@ -140,7 +140,7 @@ def test_writer_memory_is_a_few_dozen_bytes_a_row_and_old_shards_reopen(tmp_path
         with h5py.File(shard, "r+") as f:
             del f["keys"]
     with StoreWriter(store, META) as w:  # keys are computed from the paths and hashes instead
-        assert w.known(sha(19_999)) and w.path_sha.get("img/123.png") == sha(123)
+        assert w.known(sha(19_999)) and w.sha_of("img/123.png") == sha(123)
         assert w._where.nbytes == 32 * 20_000 and not w.known(sha(20_000))
 
 

@@ -15,8 +15,8 @@ from embedstore.store._index import COLUMNS, read_index
 from embedstore.store._layout import (PARTS, check_self_contained, is_regular_file, layout,
                                       store_root)
 from embedstore.store._shard import file_sha256
-from embedstore.store.reader import StoreReader, open_store
-from embedstore.store.writer import CHANGED, StoreWriter
+from embedstore.store.backends import Reader, Writer, open_store, open_writer
+from embedstore.store.writer import CHANGED
 
 log = logging.getLogger("embedstore.store")
 
@@ -45,7 +45,7 @@ def merge(path: str | Path) -> bool:
     backbone = stored_backbone(path)
     if backbone is None:
         return False
-    with StoreWriter(path, backbone) as w:
+    with open_writer(path, backbone) as w:
         return w.changed
 
 
@@ -55,7 +55,7 @@ def compact(path: str | Path, target_rows: int = COMPACT_ROWS) -> dict:
     backbone = stored_backbone(path)
     if backbone is None:
         raise StoreError(f"store {path} does not exist; create it with `embedstore extract`")
-    with StoreWriter(path, backbone) as w:
+    with open_writer(path, backbone) as w:
         return w.compact(target_rows)
 
 
@@ -80,12 +80,12 @@ def merge_stores(sources, out: str | Path) -> dict:
             raise StoreError("give at least one source store other than --out")
         meta = {k: readers[0].backbone[k] for k in ("name", "fingerprint", "dim", "config")}
         added = 0
-        with StoreWriter(out, meta) as w:
+        with open_writer(out, meta) as w:
             for r in readers:
                 added += _copy_into(w, r, _sound_rows(r), skip_known=True)
             for r in readers:
                 for f in r.failures():
-                    if f["path"] not in w.path_sha and not w.failed_before(f["path"], f["sha256"]):
+                    if w.sha_of(f["path"]) is None and not w.failed_before(f["path"], f["sha256"]):
                         w.add_failure(f["path"], f["sha256"], f["reason"])
         with open_store(out) as s:
             return {"out": str(out), "sources": len(readers), "rows_added": added,
@@ -95,7 +95,7 @@ def merge_stores(sources, out: str | Path) -> dict:
             r.close()
 
 
-def _copy_into(w: StoreWriter, r: StoreReader, rows: np.ndarray, skip_known: bool) -> int:
+def _copy_into(w: Writer, r: Reader, rows: np.ndarray, skip_known: bool) -> int:
     paths, sha, labels, views, classes = r.paths, r.sha256, r.labels, r.views, r.classes
     if skip_known:
         rows = np.array([i for i in rows if not w.has_row(paths[i], sha[i], int(views[i]))],
@@ -113,7 +113,7 @@ def _copy_into(w: StoreWriter, r: StoreReader, rows: np.ndarray, skip_known: boo
     return len(rows)
 
 
-def _sound_rows(r: StoreReader, rows: np.ndarray | None = None) -> np.ndarray:
+def _sound_rows(r: Reader, rows: np.ndarray | None = None) -> np.ndarray:
     """`rows` (default all) of a source store, less those in shard files whose checksum
     no longer matches its index: a changed file is never copied into a new shard with a
     fresh checksum. Each one skipped is named in a warning."""
@@ -129,7 +129,7 @@ def copy_rows(source: str | Path, destination: str | Path, rows) -> int:
     """Write a store holding only `rows` of SOURCE (same backbone, vectors copied)."""
     with open_store(source) as r:
         meta = {k: r.backbone[k] for k in ("name", "fingerprint", "dim", "config")}
-        with StoreWriter(destination, meta) as w:
+        with open_writer(destination, meta) as w:
             return _copy_into(w, r, _sound_rows(r, rows), skip_known=False)
 
 

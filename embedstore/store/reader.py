@@ -224,11 +224,6 @@ class StoreReader:
         }
 
 
-def open_store(path: str | Path) -> StoreReader:
-    """Open STORE for reading (any format version)."""
-    return StoreReader(path)
-
-
 def open_shard(where: Layout, shard: Shard, store: Path) -> h5py.File:
     """A shard file of the store, checked: a regular file inside parts/, holding its own
     data. A StoreError names it otherwise."""

@@ -247,16 +247,6 @@ class StoreWriter:
                                        for at in self._where.rows_of_sha(sha)))
             return list(paths)
 
-    @property
-    def path_sha(self) -> "_Lookup":
-        """path -> sha, as a read-only mapping with `get` and `in` (extract's interface)."""
-        return _Lookup(self.sha_of)
-
-    @property
-    def sha_paths(self) -> "_Lookup":
-        """sha -> the paths of paths_of(sha), with `get` and `in`."""
-        return _Lookup(lambda sha: self.paths_of(sha) or None)
-
     def paths(self) -> set[str]:
         """Every path the store has rows or a failure for (built on demand, e.g. for --prune)."""
         with self._mutex:
@@ -593,20 +583,6 @@ class _Batch:
 
     def kept(self) -> list:
         return [r for r, keep in zip(self.rows, self.kept_flags) if keep]
-
-
-class _Lookup:
-    """A read-only mapping over a lookup function (None: absent): `get` and `in`."""
-
-    def __init__(self, find):
-        self._find = find
-
-    def get(self, key: str, default=None):
-        found = self._find(key)
-        return default if found is None else found
-
-    def __contains__(self, key: str) -> bool:
-        return self._find(key) is not None
 
 
 # --- the store directory, and upgrading format-1/2 files into one ------------------------
