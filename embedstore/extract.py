@@ -8,46 +8,18 @@ in /failures with the reason and never stop the job.
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from embedstore.backbones import Backbone
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store
-from embedstore.engines import EngineJob, get_engine
-from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
+from embedstore.engines import ExtractionJob, JobState, get_engine
+from embedstore.pipeline import DEFAULT_MAX_PIXELS
 from embedstore.sources import scan
-from embedstore.store import Writer, layout, open_writer, stored_backbone
-
-
-@dataclass
-class Progress:
-    """Reported after every file: enough for a bar with rate and failures."""
-
-    done: int = 0
-    total: int = 0
-    embedded: int = 0
-    reused: int = 0
-    unchanged: int = 0
-    failed: int = 0
-    pruned: int = 0
-    started: float = field(default_factory=time.monotonic)
-    # seconds per stage; read..resize are summed over the decode threads, so with
-    # several threads they add up to more than the wall time
-    stages: dict = field(default_factory=lambda: dict.fromkeys((*STAGES, "infer", "write"), 0.0))
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
-
-    @property
-    def images_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+from embedstore.store import layout, open_writer, stored_backbone
 
 
 @dataclass
@@ -66,7 +38,7 @@ class ExtractResult:
     startup_seconds: float = 0.0  # loading the backbone (converting it, the first time)
     runtime: str = ""
     device: str = ""  # CPU, or the GPU the backbone ran on
-    stages: dict = field(default_factory=dict)  # stage -> seconds, see Progress.stages
+    stages: dict = field(default_factory=dict)  # stage -> seconds, see JobState.stages
 
 
 def backbone_meta(backbone: Backbone) -> dict:
@@ -78,7 +50,7 @@ def backbone_meta(backbone: Backbone) -> dict:
 def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "mobilenet_v2",
             batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
             commit_every: int = 512, workers: int | None = None, prune: bool = False,
-            progress: Callable[[Progress], None] | None = None,
+            progress: Callable[[JobState], None] | None = None,
             runtime: str = DEFAULT_RUNTIME, status: Callable[[str], None] | None = None,
             follow_links: bool = False, engine: str = "local",
             engine_options: dict | None = None) -> ExtractResult:
@@ -93,19 +65,17 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    run_elsewhere = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
+    run = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
     started = time.monotonic()
     source = scan(images, follow_links)
     if isinstance(backbone, str):
         backbone = load_for_store(backbone, runtime, Preparation(
             str(store), _recorded_backbone(Path(store)), layout(store).int8,
             [r.path for r in source.images], str(source.root), max_pixels), say=status)
-    resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     refs = source.images
     startup = time.monotonic() - started
-    state = Progress(total=len(refs))
+    state = JobState(total=len(refs))
     new_failures: list[dict] = []
-    since_commit = 0
 
     with open_writer(store, backbone_meta(backbone)) as writer:
         for skipped in source.skipped:  # links out of the root, unreadable folders
@@ -113,50 +83,8 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
             if not writer.failed_before(skipped.relpath, ""):
                 writer.add_failure(skipped.relpath, None, skipped.reason)
                 new_failures.append({"path": skipped.relpath, "reason": skipped.reason})
-
-        def embed(batch: list) -> np.ndarray:
-            clock = time.perf_counter()
-            vectors = backbone.embed([item.image for _, item in batch])
-            state.stages["infer"] += time.perf_counter() - clock
-            return vectors
-
-        def write(batch: list, vectors: np.ndarray) -> None:
-            nonlocal since_commit
-            clock = time.perf_counter()
-            start = 0
-            while start < len(batch):  # commit exactly every commit_every rows
-                stop = min(len(batch), start + commit_every - since_commit)
-                part = batch[start:stop]
-                writer.add(vectors[start:stop], [ref.relpath for ref, _ in part],
-                           [item.sha256 for _, item in part], [ref.label for ref, _ in part])
-                since_commit += len(part)
-                if since_commit >= commit_every:
-                    writer.commit()
-                    since_commit = 0
-                start = stop
-            state.embedded += len(batch)
-            state.stages["write"] += time.perf_counter() - clock
-            if progress:
-                progress(state)
-
-        if run_elsewhere is not None:
-            run_elsewhere(EngineJob(refs, source.root, backbone, writer, state, new_failures,
-                                    progress, batch_size, max_pixels, commit_every, workers))
-        else:
-            to_embed = _classify(stream([r.path for r in refs], resizer, writer.known,
-                                        max_pixels, workers), refs, writer, source.root, state,
-                                 new_failures, progress)
-            # one batch embeds while the one before is written and committed: the model
-            # never waits for the store
-            with ThreadPoolExecutor(1, thread_name_prefix="embed") as embedder:
-                behind = None
-                for batch in batched(to_embed, batch_size):
-                    ahead = (batch, embedder.submit(embed, batch))
-                    if behind:
-                        write(behind[0], behind[1].result())
-                    behind = ahead
-                if behind:
-                    write(behind[0], behind[1].result())
+        run(ExtractionJob(refs, source.root, backbone, writer, state, new_failures, progress,
+                          batch_size, max_pixels, commit_every, workers, runtime))
         if prune:
             gone = writer.paths() - {r.relpath for r in refs} - {k.relpath for k in source.skipped}
             for path in sorted(gone):
@@ -176,46 +104,3 @@ def _recorded_backbone(store: Path) -> str | None:
     """The backbone name STORE records, None if there is no store yet."""
     recorded = stored_backbone(store)
     return recorded["name"] or None if recorded else None
-
-
-def _classify(loaded, refs, writer: Writer, root: str, state: Progress,
-              new_failures: list, progress):
-    """Record known content and failures as they stream past; yield what needs the model."""
-    for item in loaded:
-        ref = refs[item.index]
-        state.done += 1
-        for stage, seconds in item.seconds.items():
-            state.stages[stage] += seconds
-        if item.error is None and item.image is not None:
-            yield ref, item
-            continue
-        record_unembedded(writer, ref, item.sha256, item.error, root, state, new_failures)
-        if progress:
-            progress(state)
-
-
-def record_unembedded(writer: Writer, ref, sha: str | None, error: str | None, root: str,
-                      state: Progress, new_failures: list) -> None:
-    """A file that needs no model run: a failure, unchanged, or known content at a new path.
-
-    Every engine classifies through here, so all of them write the same store.
-    """
-    if error is not None:
-        state.failed += 1
-        if not writer.failed_before(ref.relpath, sha or ""):
-            writer.add_failure(ref.relpath, sha, error)
-            new_failures.append({"path": ref.relpath, "reason": error})
-    elif writer.sha_of(ref.relpath) == sha:
-        state.unchanged += 1
-    else:
-        _reuse(writer, ref, sha, root)
-        state.reused += 1
-
-
-def _reuse(writer: Writer, ref, sha: str, root: str) -> None:
-    """Known content at a new path: a rename (old path gone) or a copy."""
-    old_paths = [p for p in writer.paths_of(sha) if p != ref.relpath]
-    writer.add_copy(ref.relpath, sha, ref.label)
-    for old in old_paths:
-        if writer.sha_of(old) == sha and not os.path.exists(os.path.join(root, old)):
-            writer.remove(old)

@@ -77,7 +77,7 @@ def _kill_driver_after_its_first_commit(ray, images, store, runtime: str) -> Non
                              runtime, address])
     try:
         deadline = time.monotonic() + 300
-        while not store.exists():  # the index appears at the first commit
+        while not (store / "index.h5").exists():  # the index appears at the first commit
             assert proc.poll() is None and time.monotonic() < deadline, "driver never committed"
             time.sleep(0.05)
     finally:

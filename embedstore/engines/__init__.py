@@ -1,28 +1,28 @@
-"""Where extraction runs: a tiny registry of engines, chosen by name.
+"""Where extraction runs: a registry of engines, chosen by name.
 
-"local" is extract()'s own in-process path (a decode thread pool feeding the
-backbone). Any other engine is a function taking an `EngineJob`: it must embed
-every file of the job that the store does not know, through `job.writer`, and
-classify the rest with `embedstore.extract.record_unembedded`, so that every
-engine writes the same store. Engines load lazily: an optional one (Ray) costs
-nothing until asked for, and asking without it installed says how to install it.
+An engine is a module with `require()` (raises ImportError naming what is
+missing) and `run(job, **options)`: it embeds every file of the
+`ExtractionJob` that the store does not know, adding rows through
+`job.writer` via a `Committer` (the commit cadence), and hands every other file
+to `job.triage` (failures, unchanged files, renames and copies), so that all
+engines write the same store. `extract` composes: sources -> engine -> store.
+Engines load lazily: an optional one (Ray) costs nothing until asked for, and
+asking without it installed says how to install it. Adding one is its module
+and one line in ENGINES.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from embedstore.backbones import Backbone
-    from embedstore.extract import Progress
-    from embedstore.sources import ImageRef
-    from embedstore.store import StoreWriter
+from embedstore.engines.job import Committer, ExtractionJob, JobState
 
-# name -> (module with `run(job, **options)`, how to install what it needs); None: in-process
-ENGINES: dict[str, tuple[str, str] | None] = {
-    "local": None,
+__all__ = ["ENGINES", "Committer", "EngineError", "ExtractionJob", "JobState", "get_engine"]
+
+# name -> (module with require() and run(job, **options), how to install what it needs)
+ENGINES: dict[str, tuple[str, str]] = {
+    "local": ("embedstore.engines.local", "nothing: it is built in"),
     "ray": ("embedstore.engines.ray", "pip install 'embedstore[ray]'"),
 }
 
@@ -31,33 +31,11 @@ class EngineError(ValueError):
     """An engine that cannot run as asked, with what to do about it."""
 
 
-@dataclass
-class EngineJob:
-    """One extraction run handed to an engine; the writer is open and owned by the caller."""
-
-    refs: list[ImageRef]
-    root: str
-    backbone: Backbone
-    writer: StoreWriter
-    state: Progress
-    new_failures: list
-    progress: Callable[[Progress], None] | None
-    batch_size: int
-    max_pixels: int
-    commit_every: int
-    workers: int | None = None  # decode threads (local) or decode tasks at once (ray)
-
-
-def get_engine(name: str, options: dict | None = None) -> Callable[[EngineJob], None] | None:
-    """The runner of engine `name` with its options bound; None for the in-process "local"."""
+def get_engine(name: str, options: dict | None = None) -> Callable[[ExtractionJob], None]:
+    """The runner of engine `name` with its options bound (unset ones dropped)."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
-    if ENGINES[name] is None:
-        if options:
-            raise EngineError(f"{', '.join(sorted(options))} only apply to another engine "
-                              f"than {name} (e.g. --engine ray)")
-        return None
     module_name, install = ENGINES[name]
     try:
         module = importlib.import_module(module_name)
@@ -65,4 +43,11 @@ def get_engine(name: str, options: dict | None = None) -> Callable[[EngineJob], 
     except ImportError as exc:
         raise EngineError(f"the {name} engine needs {exc.name or 'a missing package'}, which "
                           f"is not installed; install it with: {install}") from None
+    try:
+        import inspect
+
+        inspect.signature(module.run).bind(None, **options)
+    except TypeError:
+        raise EngineError(f"{', '.join(sorted(options))} only apply to another engine than "
+                          f"{name} (e.g. --engine ray)") from None
     return lambda job: module.run(job, **options)

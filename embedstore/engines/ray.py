@@ -8,8 +8,8 @@ CPU tasks read, hash, decode and resize with embedstore.pipeline.load_file;
 content the store already holds (a sorted array of known hashes, shared
 through the object store) is hashed but never decoded. An actor pool, with the
 backbone built once per actor, embeds the new pixels. The driver streams the
-results back in file order, classifies the rest with the local engine's
-record_unembedded, and commits every `commit_every` new rows: a killed run
+results back in file order, classifies the rest with the job's shared triage
+(embedstore.engines.job), and commits every `commit_every` new rows: a killed run
 keeps every committed batch and the next run resumes from the store.
 `workers` (--workers) caps the decode tasks running at once, as it caps the
 local engine's decode threads. Stage seconds come back with the rows (read,
@@ -28,8 +28,7 @@ import time
 
 import numpy as np
 
-from embedstore.engines import EngineError, EngineJob
-from embedstore.extract import record_unembedded
+from embedstore.engines import Committer, EngineError, ExtractionJob
 from embedstore.pipeline import STAGES
 
 LOCAL_OBJECT_STORE_BYTES = 300 * 2**20  # enough for a few batches in flight on a small box
@@ -47,7 +46,7 @@ def require() -> None:
     import ray.data  # noqa: F401
 
 
-def run(job: EngineJob, address: str | None = None, num_workers: int | None = None,
+def run(job: ExtractionJob, address: str | None = None, num_workers: int | None = None,
         gpus_per_worker: float | None = None) -> None:
     """Embed the job's new files on the Ray cluster at `address` (None: start one here)."""
     import ray
@@ -124,7 +123,7 @@ def _check_resources(workers: int, gpus_per_worker: float | None, address: str |
                           "for decoding: lower --num-workers")
 
 
-def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | None) -> None:
+def _stream_into_store(job: ExtractionJob, workers: int, gpus_per_worker: float | None) -> None:
     import pyarrow as pa
     import ray
     import ray.data
@@ -151,7 +150,9 @@ def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | No
             Embedder, batch_size=job.batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
             num_gpus=gpus_per_worker or None, memory=ACTOR_MEMORY_BYTES,
-            fn_constructor_kwargs={"backbone_name": backbone.name, "runtime": backbone.runtime,
+            # the runtime as asked ("auto" picks the GPU on a GPU node), not as the driver
+            # resolved it on its own machine
+            fn_constructor_kwargs={"backbone_name": backbone.name, "runtime": job.runtime,
                                    "fingerprint": backbone.fingerprint})
         _write(job, dataset.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
     except ray.exceptions.RayError as exc:
@@ -160,10 +161,9 @@ def _stream_into_store(job: EngineJob, workers: int, gpus_per_worker: float | No
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
-def _write(job: EngineJob, batches) -> None:
+def _write(job: ExtractionJob, batches) -> None:
     """Stream results into the store on the driver, committing every commit_every new rows."""
-    writer, state = job.writer, job.state
-    since_commit = 0
+    state, committer = job.state, Committer(job)
     for batch in batches:
         for stage in (*STAGES, "infer"):
             state.stages[stage] += float(batch[stage].sum())
@@ -177,20 +177,10 @@ def _write(job: EngineJob, batches) -> None:
                 shas.append(sha)
                 vectors.append(np.frombuffer(vector, np.float32))
             else:
-                record_unembedded(writer, ref, sha or None, error or None, job.root, state,
-                                  job.new_failures)
+                job.triage(ref, sha or None, error or None)
         if refs:
-            clock = time.perf_counter()
-            writer.add(np.stack(vectors), [r.relpath for r in refs], shas,
-                       [r.label for r in refs])
-            state.embedded += len(refs)
-            since_commit += len(refs)
-            if since_commit >= job.commit_every:
-                writer.commit()
-                since_commit = 0
-            state.stages["write"] += time.perf_counter() - clock
-        if job.progress:
-            job.progress(state)
+            committer.add(refs, shas, np.stack(vectors))
+        job.report()
 
 
 def load_batch(batch: dict, known, input_size: int, crop_fraction: float,
@@ -234,7 +224,7 @@ class Embedder:
     def _build(self):
         from embedstore.backbones.runtimes import load_for_inference
 
-        backbone = load_for_inference(self.backbone_name, self.runtime)  # the driver's runtime
+        backbone = load_for_inference(self.backbone_name, self.runtime)  # as asked, on this node
         if backbone.fingerprint != self.fingerprint:  # e.g. other weights on a worker node
             raise EngineError(f"backbone {self.backbone_name} on this Ray worker has "
                               f"fingerprint {backbone.fingerprint[:12]}, not the driver's "
