@@ -16,7 +16,7 @@ import numpy as np
 
 from embedstore.store._format import COPY_BLOCK_ROWS, fixed, open_h5, strings
 from embedstore.store._index import SHA_WIDTH
-from embedstore.store._shard import Rows
+from embedstore.store._shard import ShardRows
 
 if TYPE_CHECKING:
     from embedstore.store.writer import StoreWriter
@@ -48,7 +48,7 @@ def import_store(path: Path, writer: "StoreWriter") -> None:
         ds = f["embeddings"]
         for start in range(0, len(paths), IMPORT_SHARD_ROWS):
             stop = min(start + IMPORT_SHARD_ROWS, len(paths))
-            blocks = (Rows(ds[a:min(a + COPY_BLOCK_ROWS, stop)],
+            blocks = (ShardRows(ds[a:min(a + COPY_BLOCK_ROWS, stop)],
                            fixed(paths[a:a + COPY_BLOCK_ROWS][:stop - a], width),
                            fixed(sha[a:a + COPY_BLOCK_ROWS][:stop - a], SHA_WIDTH),
                            labels[a:min(a + COPY_BLOCK_ROWS, stop)],

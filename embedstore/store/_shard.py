@@ -15,7 +15,7 @@ from embedstore.store._rowindex import shard_keys
 
 
 @dataclass
-class Rows:
+class ShardRows:
     """A block of rows in shard form: labels are indices into the store's class table."""
 
     embeddings: np.ndarray  # (n, D) float32
@@ -32,7 +32,7 @@ def shard_name(seq: int) -> str:
     return f"shard-{seq:09d}.h5"
 
 
-def write_shard(directory: Path, seq: int, backbone: dict, blocks: Iterable[Rows],
+def write_shard(directory: Path, seq: int, backbone: dict, blocks: Iterable[ShardRows],
                 n_rows: int, path_width: int) -> Shard:
     """Stream `blocks` (n_rows in all) into a new shard file; return its index entry."""
     dim = int(backbone["dim"])

@@ -11,9 +11,54 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, TypedDict
 
 import numpy as np
+
+
+class CompactResult(TypedDict):
+    shards_before: int
+    shards_after: int
+    rows_rewritten: int
+    quarantined: list[str]  # shard files moved aside: their checksum no longer matched
+
+
+class MergeResult(TypedDict):
+    out: str
+    sources: int
+    rows_added: int
+    rows: int
+    failures: int
+    classes: int
+
+
+class VerifyResult(TypedDict):
+    path: str
+    ok: bool
+    problems: list[str]  # one line each, naming the file
+    files: int
+    rows_checked: int
+
+
+class StoreInfo(TypedDict, total=False):
+    path: str
+    rows: int
+    images: int
+    paths: int
+    unlabelled: int
+    failures: int
+    classes: dict[str, int]
+    dim: int
+    backbone: dict
+    file_bytes: int
+    index_bytes: int
+    shards: int
+    dead_rows: int
+    pending_parts: int
+    quarantined: list[str]
+    format_version: int
+    failed_files: list[dict]  # with `info --failures`
+    verify: VerifyResult  # with `info --verify`
 
 
 class Reader(Protocol):
@@ -37,7 +82,7 @@ class Reader(Protocol):
     def embeddings(self, rows=None) -> np.ndarray: ...
     def iter_embeddings(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]: ...
     def failures(self) -> list[dict]: ...
-    def info(self) -> dict: ...
+    def info(self) -> StoreInfo: ...
     def shard_file_of(self, row: int) -> Path: ...  # the file holding a row, for messages
     def close(self) -> None: ...
     def __enter__(self) -> "Reader": ...
@@ -62,7 +107,7 @@ class Writer(Protocol):
     def add_failure(self, path: str, sha: str | None, reason: str) -> None: ...
     def remove(self, path: str) -> None: ...
     def commit(self) -> None: ...
-    def compact(self, target_rows: int) -> dict: ...
+    def compact(self, target_rows: int) -> CompactResult: ...
     def release(self) -> None: ...
     def __enter__(self) -> "Writer": ...
     def __exit__(self, exc_type, exc, tb) -> bool: ...

@@ -15,7 +15,8 @@ from embedstore.store._index import COLUMNS, read_index
 from embedstore.store._layout import (PARTS, check_self_contained, is_regular_file, layout,
                                       store_root)
 from embedstore.store._shard import file_sha256
-from embedstore.store.backends import Reader, Writer, open_store, open_writer
+from embedstore.store.backends import (CompactResult, MergeResult, Reader, VerifyResult, Writer,
+                                       open_store, open_writer)
 from embedstore.store.writer import CHANGED
 
 log = logging.getLogger("embedstore.store")
@@ -49,7 +50,7 @@ def merge(path: str | Path) -> bool:
         return w.changed
 
 
-def compact(path: str | Path, target_rows: int = COMPACT_ROWS) -> dict:
+def compact(path: str | Path, target_rows: int = COMPACT_ROWS) -> CompactResult:
     """Check every shard's checksum (quarantining a changed one), then fold small and
     mostly-tombstoned shards of STORE into shards of ~target_rows rows."""
     backbone = stored_backbone(path)
@@ -59,7 +60,7 @@ def compact(path: str | Path, target_rows: int = COMPACT_ROWS) -> dict:
         return w.compact(target_rows)
 
 
-def merge_stores(sources, out: str | Path) -> dict:
+def merge_stores(sources, out: str | Path) -> MergeResult:
     """Combine stores of one backbone into OUT (created or added to).
 
     A row (path, content, view) is kept once; for a path with different content
@@ -88,8 +89,9 @@ def merge_stores(sources, out: str | Path) -> dict:
                     if w.sha_of(f["path"]) is None and not w.failed_before(f["path"], f["sha256"]):
                         w.add_failure(f["path"], f["sha256"], f["reason"])
         with open_store(out) as s:
-            return {"out": str(out), "sources": len(readers), "rows_added": added,
-                    "rows": s.n_rows, "failures": len(s.failures()), "classes": len(s.classes)}
+            return MergeResult(out=str(out), sources=len(readers), rows_added=added,
+                               rows=s.n_rows, failures=len(s.failures()),
+                               classes=len(s.classes))
     finally:
         for r in readers:
             r.close()
@@ -133,7 +135,7 @@ def copy_rows(source: str | Path, destination: str | Path, rows) -> int:
             return _copy_into(w, r, _sound_rows(r, rows), skip_known=False)
 
 
-def verify(path: str | Path, block_rows: int = 65536) -> dict:
+def verify(path: str | Path, block_rows: int = 65536) -> VerifyResult:
     """Check the index (nothing in it reaches outside the store; its virtual columns map
     exactly its own shards), every shard's checksum and structure, and every vector for
     NaN/inf. {"ok", "problems", "files", "rows_checked"}"""
@@ -178,8 +180,8 @@ def verify(path: str | Path, block_rows: int = 65536) -> dict:
             finally:
                 if handle is None:
                     g.close()
-    return {"path": str(path), "ok": not problems, "problems": problems,
-            "files": len(files), "rows_checked": rows_checked}
+    return VerifyResult(path=str(path), ok=not problems, problems=problems, files=len(files),
+                        rows_checked=rows_checked)
 
 
 def _virtual_problems(f: h5py.File, index, where: Path) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from embedstore.store.backends import StoreInfo
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
                                       open_h5, strings)
 from embedstore.store._index import COLUMNS, Shard, read_index
@@ -194,14 +195,14 @@ class StoreReader:
             return self.layout.index
         return self._segment_files[int(np.searchsorted(self._starts, row, side="right")) - 1]
 
-    def info(self) -> dict:
+    def info(self) -> StoreInfo:
         labels, classes = self._labels_and_classes
         counts = np.bincount(labels[labels >= 0], minlength=len(classes))
         shard_bytes = sum(p.stat().st_size for p in self._segment_files)
         index_bytes = self.layout.index.stat().st_size
         parts, quarantine = self.layout.parts, self.layout.quarantine
         sha = self.sha256
-        return {
+        return StoreInfo(**{
             "path": str(self.path),
             "rows": self.n_rows,
             "images": len(set(sha)),
@@ -221,7 +222,7 @@ class StoreReader:
             "quarantined": sorted(p.name for p in quarantine.iterdir())
             if quarantine.is_dir() else [],
             "format_version": self.format_version,
-        }
+        })
 
 
 def open_shard(where: Layout, shard: Shard, store: Path) -> h5py.File:

@@ -30,6 +30,7 @@ import numpy as np
 from embedstore.backbones import BackboneError
 from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.store import _legacy
+from embedstore.store.backends import CompactResult
 from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
                                       fixed, fsync_path, open_h5)
 from embedstore.store._index import COLUMNS, SHA_WIDTH, Index, Shard, read_index, write_index
@@ -37,7 +38,7 @@ from embedstore.store._layout import (INDEX, OWN_ENTRIES, SHARD_NAME, Layout, ch
                                       check_self_contained, is_regular_file, store_root)
 from embedstore.store._lock import acquire_lock, release_lock
 from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
-from embedstore.store._shard import Rows, file_sha256, write_shard
+from embedstore.store._shard import ShardRows, file_sha256, write_shard
 from embedstore.store.reader import gather, vectors_of
 
 log = logging.getLogger("embedstore.store")
@@ -429,7 +430,7 @@ class StoreWriter:
         if copied:
             at, locs = zip(*copied)
             emb[list(at)] = self._read_locs(np.array(locs, np.int64))
-        block = Rows(emb, fixed([r[0] for r in rows]), fixed([r[1] for r in rows], SHA_WIDTH),
+        block = ShardRows(emb, fixed([r[0] for r in rows]), fixed([r[1] for r in rows], SHA_WIDTH),
                      np.array([r[2] for r in rows], np.int32),
                      np.array([r[3] for r in rows], np.int16))
         self._add_shard([block], len(block), block.paths.dtype.itemsize)
@@ -509,7 +510,7 @@ class StoreWriter:
                 vectors = vectors_of(f)
                 for a in range(0, len(live), COPY_BLOCK_ROWS):
                     take = slice(a, a + COPY_BLOCK_ROWS)
-                    yield Rows(gather(vectors, live[take]), cols["paths"][take],
+                    yield ShardRows(gather(vectors, live[take]), cols["paths"][take],
                                cols["sha256"][take], cols["labels"][take], cols["views"][take])
 
     def _checksum_ok(self, shard: Shard) -> bool:
@@ -531,7 +532,7 @@ class StoreWriter:
             self._where.retire(bad)
         return bad
 
-    def compact(self, target_rows: int) -> dict:
+    def compact(self, target_rows: int) -> CompactResult:
         """Check every shard's checksum (a changed one is quarantined), then fold every
         shard smaller than `target_rows` or more than a quarter tombstoned."""
         with self._mutex:
@@ -543,9 +544,9 @@ class StoreWriter:
                 self._publish([])
             if dropped:
                 self._publish(dropped)
-        return {"shards_before": before, "shards_after": len(self.index.shards),
-                "rows_rewritten": sum(s.n_live for s in dropped),
-                "quarantined": [s.name for s in corrupt]}
+        return CompactResult(shards_before=before, shards_after=len(self.index.shards),
+                             rows_rewritten=sum(s.n_live for s in dropped),
+                             quarantined=[s.name for s in corrupt])
 
 
 class _Batch:
