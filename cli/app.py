@@ -401,16 +401,9 @@ def _heads_taking(param: str) -> dict[str, object]:
 
 def _choices(param: str) -> list[str]:
     """The allowed strings of a parameter that takes nothing but strings."""
-    from sklearn.utils._param_validation import StrOptions
+    from embedstore.heads import param_choices
 
-    from embedstore.heads import HEADS
-
-    found = set()
-    for cls in HEADS.values():
-        constraints = getattr(cls, "_parameter_constraints", {}).get(param, [])
-        if constraints and all(isinstance(c, StrOptions) for c in constraints):
-            found |= {o for c in constraints for o in c.options}
-    return sorted(found)
+    return param_choices(param)
 
 
 def _show_default(param: str, value) -> str:
@@ -466,8 +459,6 @@ def head_options(multi: bool):
 def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
     """Turn the given options into head parameters; refuse ones that do not apply and
     values the head would refuse, naming the option."""
-    from sklearn.utils._param_validation import InvalidParameterError
-
     from embedstore.heads import validate_head_params
 
     params = {}
@@ -489,7 +480,7 @@ def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
         for value in values:
             try:
                 validate_head_params(head, {dest: value})
-            except (InvalidParameterError, ValueError) as exc:
+            except ValueError as exc:  # scikit-learn's InvalidParameterError is one
                 raise click.UsageError(f"{flag} {raw}: {exc}") from None
         params[dest] = values if multi else values[0]
     return params

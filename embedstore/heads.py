@@ -17,6 +17,8 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
+# scikit-learn's private helpers are used here only (the parameter-constraint machinery
+# and fit's context); pyproject pins the range they were tested with
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -538,6 +540,17 @@ def validate_head_params(kind: str, params: dict) -> None:
     head._validate_params()
     if isinstance(head, DenseHead):
         head._hidden_sizes()
+
+
+def param_choices(param: str) -> list[str]:
+    """The strings a hyper-parameter allows, for heads whose constraint on it is only
+    strings (e.g. weights: uniform, distance); [] otherwise."""
+    found: set[str] = set()
+    for cls in HEADS.values():
+        constraints = getattr(cls, "_parameter_constraints", {}).get(param, [])
+        if constraints and all(isinstance(c, StrOptions) for c in constraints):
+            found |= {o for c in constraints for o in c.options}
+    return sorted(found)
 
 
 def head_kind(head: BaseEstimator) -> str:
