@@ -269,8 +269,7 @@ def stream(paths: Iterable[str], resizer: Resizer, skip: Callable[[str], bool] =
     number of images; decoding runs ahead of the consumer (the prefetch).
     """
     # one thread per core: more only add GIL hand-offs that the inference threads pay for
-    # (2 vs 4 threads on 2 cores: 0.5 vs 0.67 CPU-ms per Fashion-MNIST image, 5-10% more
-    # images/s end to end); raise it to overlap slow storage
+    # (bench/bench_decode_split.py); raise it to overlap slow storage
     workers = workers or os.cpu_count() or 2
     pending: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:

@@ -3,8 +3,8 @@
 Plain int8 in TFLite or ONNX Runtime bends MobileNetV2's vectors badly here
 (min cosine to fp32 ~0.57, DESIGN.md); NNCF's quantization of the OpenVINO
 model, calibrated on a few hundred images and with full bias correction,
-keeps min cosine ~0.97 and embeds ~2x faster than TFLite fp32 on this CPU
-(BENCHMARKS.md). The calibration images are the user's own (the images an
+keeps the vectors close to fp32 and embeds faster than TFLite fp32 on a CPU
+with int8 instructions (BENCHMARKS.md). The calibration images are the user's own (the images an
 `extract --runtime int8` is about to embed), never a fixed set, so each
 quantized model is its own backbone: a directory like a fine-tuned one,
 
@@ -116,7 +116,7 @@ def quantize(base: Backbone, tflite_path: Path, pixels: np.ndarray, directory: s
     model.reshape([1, base.input_size, base.input_size, 3])
     calibration = nncf.Dataset([pixels[i:i + 1] for i in range(len(pixels))])
     # full bias correction: min cosine to fp32 0.967 against 0.941 with the fast one,
-    # at twice the calibration time (~20 s for 300 images here)
+    # at twice the calibration time (BENCHMARKS.md)
     with native_output_silenced():  # NNCF's progress bars and notices
         quantized = nncf.quantize(model, calibration, subset_size=len(pixels),
                                   fast_bias_correction=False)

@@ -272,7 +272,7 @@ def gather(vectors, sorted_rows: np.ndarray) -> np.ndarray:
 def read_rows(ds, sorted_rows: np.ndarray, max_block_rows: int = COPY_BLOCK_ROWS) -> np.ndarray:
     """Rows in increasing order, read as slices over the chunks that hold them.
 
-    h5py's point selection is slow (10k random rows of 70k took 2 s); slicing
+    h5py's point selection is slow (it reads row by row); slicing
     runs of adjacent touched chunks reads each chunk once, in bounded blocks.
     """
     out = np.empty((len(sorted_rows), ds.shape[1]), ds.dtype)

@@ -1,8 +1,8 @@
 """The tflite runtime: TFLite fp32 on XNNPACK, the default on a CPU.
 
-TensorFlow reaches ~15% of this CPU's fp32 GEMM rate on MobileNetV2; the
-same graph on TFLite's XNNPACK kernels runs ~2.2x faster with embeddings
-within 1e-5. So the Keras model is converted once with TF's own converter
+TensorFlow uses a CPU poorly on MobileNetV2's small convolutions; the same
+graph on TFLite's XNNPACK kernels is several times faster with the same
+embeddings (BENCHMARKS.md). So the Keras model is converted once with TF's own converter
 (`from_keras_model`: converting a concrete function leaves variables
 uninitialised, which gives NaN), checked against the Keras model on a probe
 batch, and cached as a .tflite file with a JSON sidecar holding the Keras
@@ -56,8 +56,8 @@ def load(name: str, say: Callable[[str], None], threads: int | None = None) -> B
     return _tflite_backbone(path, meta, threads)
 
 
-RUNTIME = Runtime("tflite", "TFLite fp32 on XNNPACK (~3x TensorFlow on a CPU; converted once "
-                            "and cached; the same embeddings within 1e-4)", load)
+RUNTIME = Runtime("tflite", "TFLite fp32 on XNNPACK, the fast way on a CPU (converted once and "
+                            "cached; the same embeddings within 1e-4)", load)
 
 
 class ConversionError(Exception):
@@ -94,10 +94,10 @@ class TFLiteRunner:
     """A .tflite embedding model: (B, S, S, 3) float32 pixels -> (B, dim) float32.
 
     One single-threaded interpreter per core, each fed one image per invoke
-    and taking the next image of the batch as it finishes one: on this 2-core
-    CPU two 1-thread interpreters embed ~415 img/s where one 2-thread
-    interpreter manages 220-370 (XNNPACK's threads wait for each other on
-    every layer) and batches above 1 are slower still (BENCHMARKS.md).
+    and taking the next image of the batch as it finishes one: XNNPACK's
+    threads wait for each other on every layer, so one 1-thread interpreter
+    per core beats one interpreter with a thread per core, and batches above
+    1 are slower still (bench/bench_tflite_layout.py, BENCHMARKS.md).
     `invoke` releases the GIL, so plain threads run the interpreters in
     parallel; each interpreter is only ever used by one call at a time.
     """
