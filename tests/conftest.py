@@ -40,8 +40,10 @@ def pytest_ignore_collect(collection_path, config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {}).values()
         if TF_FIXTURES & set(getattr(item, "fixturenames", ())) or \
-                item.path.name in TF_MODULES:
+                item.path.name in TF_MODULES or \
+                any(type(p).__name__ == "DenseHead" for p in params):  # the Keras head
             item.add_marker(pytest.mark.tf)
 
 

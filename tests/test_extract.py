@@ -196,6 +196,7 @@ def test_kill_minus_nine_then_rerun_embeds_each_image_once(tmp_path):
     assert not list(store.glob(".*.tmp-*")) and not (store / "lock").exists()
 
 
+@pytest.mark.tf
 def test_cli_extract_summary_and_errors(small_tree, tmp_path):
     store = tmp_path / "c.h5"
     runner = CliRunner()

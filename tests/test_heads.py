@@ -69,6 +69,7 @@ def test_logreg_folds_the_scaler_into_one_linear_layer(blobs, n_classes):
     np.testing.assert_allclose(softmax, head.predict_proba(X), atol=1e-4)
 
 
+@pytest.mark.tf
 def test_dense_head_keeps_history_and_stops_early(blobs):
     X, y = blobs
     head = DenseHead(hidden=(64,), epochs=200, patience=2, learning_rate=0.01,

@@ -85,6 +85,7 @@ def test_sixteen_bit_png_keeps_its_range():
     assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
 
 
+@pytest.mark.tf
 def test_sixteen_bit_rgb_png_keeps_the_high_byte():
     import tensorflow as tf
 
@@ -123,6 +124,7 @@ def test_pixel_limit_refuses_bombs_before_decoding():
         decode_image(data, max_pixels=1000)
 
 
+@pytest.mark.tf
 def test_batched_resize_equals_single_resize():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(3)]
@@ -169,6 +171,7 @@ def test_jpeg_scale_keeps_the_short_side_above_the_target():
     assert jpeg_scale(2047, 2047, 256) == 8 and jpeg_scale(2040, 2040, 256) == 4  # ceil(2040/8) = 255
 
 
+@pytest.mark.tf
 def test_scaled_jpeg_decode_is_pixel_identical_to_tensorflow(china_path):
     """Pillow's DCT-scaled decode equals TensorFlow's accurate one: export relies on it."""
     import tensorflow as tf

@@ -213,6 +213,7 @@ def test_compact_and_merge_never_re_bless_a_changed_shard(tmp_path):
     assert verify(store)["ok"] and sorted(by_path(store)) == sorted(by_path(merged))
 
 
+@pytest.mark.tf
 def test_a_file_name_that_is_not_utf8_is_a_failure_not_a_stop(tmp_path, backbone):
     images = tree(tmp_path / "img", {"Bag": 2, "Sneaker": 2})
     raw = os.fsencode(str(images / "Bag")) + b"/caf\xe9.png"
