@@ -1,6 +1,6 @@
 """How to split 2 cores between decoding and inference: decode threads vs processes.
 
-    python bench/bench_decode_split.py [--fm 3000] [--jpegs 500] [--rounds 2]
+    python -m bench.bench_decode_split [--fm 3000] [--jpegs 500] [--rounds 2]
 
 Files in, embeddings out (no store): the pipeline's `stream` with 1, 2 and 4
 decode threads feeding the TFLite runner, against a pool of 2 decode processes
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import glob
 import multiprocessing
-import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -23,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_extract import make_jpegs, make_tree  # noqa: E402
-from common import report, table  # noqa: E402
+from bench.bench_extract import make_jpegs, make_tree
+from bench.common import report, table
 
-from embedstore.backbones.runtimes import load_for_inference  # noqa: E402
-from embedstore.pipeline import Resizer, batched, load_file, stream  # noqa: E402
+from embedstore.backbones.runtimes import load_for_inference
+from embedstore.pipeline import Resizer, batched, load_file, stream
 
 RESIZER = Resizer(224, 0.875)  # MobileNetV2's policy
 BATCH = 32
@@ -91,7 +88,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model-seconds", type=float, default=5)
     a = ap.parse_args()
-    from fashion_mnist import write_pngs
+    from bench.fashion_mnist import write_pngs
 
     full = a.work / "fm-test"
     if not full.exists():

@@ -1,6 +1,6 @@
 """The dense head's defaults vs logreg's, by 5-fold CV, across sizes; Fashion-MNIST 60k.
 
-    python bench/bench_dense_defaults.py [--work /tmp/dense-bench]
+    python -m bench.bench_dense_defaults [--work /tmp/dense-bench]
         [--fm-store /tmp/dense-bench/fm-70000.h5]
 
 Side by side in one run: `LogRegHead()`, `DenseHead()` (this branch's
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,12 +36,10 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score, train_test_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import REPO, report, table  # noqa: E402
+from bench.common import REPO, report, table
 
-from embedstore.heads import DenseHead, LogRegHead  # noqa: E402
-from embedstore.store import open_store  # noqa: E402
+from embedstore.heads import DenseHead, LogRegHead
+from embedstore.store import open_store
 
 PHOTO_CLASSES, CROPS_PER_CLASS = 6, 26
 

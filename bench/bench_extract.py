@@ -1,6 +1,6 @@
 """Extraction: Keras vs TFLite fp32 vs int8 runtimes, model-only vs end-to-end; memory; re-runs.
 
-    python bench/bench_extract.py [--sizes 2000] [--jpegs 500] [--big-jpegs 100]
+    python -m bench.bench_extract [--sizes 2000] [--jpegs 500] [--big-jpegs 100]
                                   [--work /tmp/es-bench] [--tutorial-max 0] [--no-int8]
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`) as PNG class folders,
@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, run_child, table  # noqa: E402
+from bench.common import report, run_child, table
 
 MODEL_ONLY = """
 import json, os, sys, time, numpy as np
@@ -144,7 +142,7 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 runtime")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",") if s]
-    from fashion_mnist import write_pngs
+    from bench.fashion_mnist import write_pngs
 
     full = a.work / "fm-test"  # not fm-all, which bench_heads.py wants with all 70k
     if not full.exists():

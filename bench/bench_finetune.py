@@ -1,6 +1,6 @@
 """Fine-tuning on cached activations: Fashion-MNIST accuracy, epoch speed, peak RSS.
 
-    python bench/bench_finetune.py WORK_DIR [--train-sizes 5000,10000] [--test-per-class 1000]
+    python -m bench.bench_finetune WORK_DIR [--train-sizes 5000,10000] [--test-per-class 1000]
                                             [--no-speed | --speed-only]
 
 1. For each training-set size: a class-balanced Fashion-MNIST subset (from the
@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report, run_child, table  # noqa: E402
-from fashion_mnist import write_pngs  # noqa: E402
+from bench.common import report, run_child, table
+from bench.fashion_mnist import write_pngs
 
 FINETUNE = """
 import json, sys, time

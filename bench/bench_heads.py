@@ -1,6 +1,6 @@
 """Heads on the cache vs the tutorials' way; Fashion-MNIST accuracy; store I/O.
 
-    python bench/bench_heads.py --store /tmp/es-bench/fm-70000.h5
+    python -m bench.bench_heads --store /tmp/es-bench/fm-70000.h5
         [--tutorial-images 500] [--tutorial-epochs 20]
 
 STORE is the 70k Fashion-MNIST store that bench_extract.py builds (train and
@@ -19,18 +19,15 @@ separate extraction would give). Then:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import report, table  # noqa: E402
+from bench.common import report, table
 
-from embedstore.heads import DenseHead, KNNHead, LogRegHead  # noqa: E402
-from embedstore.store import copy_rows, open_store  # noqa: E402
+from embedstore.heads import DenseHead, KNNHead, LogRegHead
+from embedstore.store import copy_rows, open_store
 
 DENSE = dict(hidden=(256,), dropout=0.2, epochs=20, early_stopping=False)  # head defaults otherwise
 

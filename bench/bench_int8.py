@@ -1,6 +1,6 @@
 """int8 (OpenVINO + NNCF) against fp32 (TFLite): fidelity and head accuracy.
 
-    python bench/bench_int8.py [--work /tmp/es-int8] [--skip-fashion-mnist]
+    python -m bench.bench_int8 [--work /tmp/es-int8] [--skip-fashion-mnist]
 
 1. The bundled sample (300 images, 10 classes): a fp32 store and an int8
    store calibrated on the sample itself (`extract --runtime int8`); cosine
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import REPO, report, table  # noqa: E402
+from bench.common import REPO, report, table
 
-from embedstore.backbones import int8  # noqa: E402
-from embedstore.extract import extract  # noqa: E402
-from embedstore.heads import LogRegHead  # noqa: E402
-from embedstore.store import open_store  # noqa: E402
+from embedstore.backbones import int8
+from embedstore.extract import extract
+from embedstore.heads import LogRegHead
+from embedstore.store import open_store
 
 
 def fresh(store: Path) -> Path:
@@ -85,7 +82,7 @@ def sample_section(work: Path) -> list:
 
 
 def fashion_mnist_section(work: Path) -> list:
-    from fashion_mnist import write_pngs
+    from bench.fashion_mnist import write_pngs
 
     trees = {}
     for split in ("train", "test"):

@@ -1,6 +1,6 @@
 """Local engine vs Ray Data engine on this machine: the same Fashion-MNIST extraction.
 
-    python bench/bench_ray.py [--images 2000] [--rounds 1] [--work /tmp/es-bench-ray]
+    python -m bench.bench_ray [--images 2000] [--rounds 1] [--work /tmp/es-bench-ray]
 
 Data: N Fashion-MNIST images (Debian `dataset-fashion-mnist`) as PNG class
 folders. Each run is its own process into a fresh store, engines alternated
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, run_child, table  # noqa: E402
+from bench.common import report, run_child, table
 
 EXTRACT = """
 import json, sys, time
@@ -58,8 +56,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/es-bench-ray"))
     a = ap.parse_args()
-    from bench_extract import make_tree
-    from fashion_mnist import write_pngs
+    from bench.bench_extract import make_tree
+    from bench.fashion_mnist import write_pngs
 
     full = a.work / "fm-train"
     if not full.exists():

@@ -1,6 +1,6 @@
 """The sharded store at scale, no model: does a commit's cost grow with the store?
 
-    python bench/bench_scale.py [--max-rows 10000000] [--dir /work/es-scale] [--keep]
+    python -m bench.bench_scale [--max-rows 10000000] [--dir /work/es-scale] [--keep]
 
 Synthetic 1280-d float32 vectors go through the real StoreWriter in commits
 of 10^4 rows (one writer, as one long extract would). At each checkpoint
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import report, run_child, table  # noqa: E402
-from embedstore.store import StoreWriter  # noqa: E402
-from embedstore.store._lock import acquire_lock, release_lock  # noqa: E402
+from embedstore.store import StoreWriter
+from embedstore.store._lock import acquire_lock, release_lock
 
 DIM = 1280
 COMMIT_ROWS = 10_000

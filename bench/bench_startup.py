@@ -5,7 +5,7 @@ worktree and imported ahead of the installed package; "after" is this
 checkout. Each command runs --repeat times per side, alternating sides, and
 the median is reported, with whether the process imported TensorFlow.
 
-  .venv/bin/python bench/bench_startup.py --before 75dddbf
+  .venv/bin/python -m bench.bench_startup --before 75dddbf
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import report
+from bench.common import report
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "fashion-mnist-sample"

@@ -1,6 +1,6 @@
 """TFLite/XNNPACK model-only rate by layout: interpreters x threads each x batch size.
 
-    python bench/bench_tflite_layout.py [--seconds 6]
+    python -m bench.bench_tflite_layout [--seconds 6]
 
 Why TFLiteRunner runs one single-threaded interpreter per core at batch 1.
 Uses the cached conversion of the default backbone (made by any extract run);
@@ -11,19 +11,15 @@ Settings run in turn in one process, in two rounds, best of the two.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import report, table  # noqa: E402
+from bench.common import report, table
 
-from embedstore.backbones import runtimes  # noqa: E402
-from embedstore.backbones.runtimes import tflite as _tflite  # noqa: E402,F401  (runtimes.tflite)
+from embedstore.backbones import runtimes
+from embedstore.backbones.runtimes import tflite as _tflite  # noqa: F401  (runtimes.tflite)
 
 
 def _interpreter(batch: int, threads: int):

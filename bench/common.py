@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-REPORT = REPO / "BENCHMARKS.md"
+REPORT = REPO / "bench" / "RESULTS.md"  # the raw log; BENCHMARKS.md is curated from it
 
 
 def machine() -> str:
@@ -78,7 +78,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def report(title: str, body: str) -> None:
-    """Print a section and append it to BENCHMARKS.md with machine and command."""
+    """Print a section and append it to bench/RESULTS.md with machine and command."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     section = (f"\n## {title}\n\n{time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {machine()}.\n\n"
                f"Command: `{command}`\n\n{body}\n")

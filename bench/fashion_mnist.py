@@ -1,6 +1,6 @@
 """Fashion-MNIST from the Debian package `dataset-fashion-mnist`, as PNG class folders.
 
-    python bench/fashion_mnist.py OUT_DIR [--split train|test] [--per-class N] [--offset K]
+    python -m bench.fashion_mnist OUT_DIR [--split train|test] [--per-class N] [--offset K]
 
 IDX files are read with NumPy (gzip + a 16/8-byte header). Zalando's
 Fashion-MNIST is MIT licensed.
