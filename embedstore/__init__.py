@@ -1,0 +1,54 @@
+"""embedstore: image transfer learning on a precomputed-embedding feature store.
+
+The public face: everything the README's Python section uses is importable
+from here (`from embedstore import extract, train, predict`). Names load on
+first use, so `import embedstore` stays cheap (no TensorFlow, no
+scikit-learn until a name that needs them is asked for).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> module that defines it
+_EXPORTS = {
+    "extract": "embedstore.extract",
+    "ExtractResult": "embedstore.extract",
+    "open_store": "embedstore.store",
+    "open_writer": "embedstore.store",
+    "compact": "embedstore.store",
+    "merge_stores": "embedstore.store",
+    "verify": "embedstore.store",
+    "StoreError": "embedstore.store",
+    "load_split": "embedstore.splits",
+    "Split": "embedstore.splits",
+    "HEADS": "embedstore.heads",
+    "make_head": "embedstore.heads",
+    "LogRegHead": "embedstore.heads",
+    "DenseHead": "embedstore.heads",
+    "KNNHead": "embedstore.heads",
+    "train": "embedstore.train",
+    "sweep": "embedstore.train",
+    "load_head": "embedstore.headdir",
+    "evaluate_head": "embedstore.evaluate",
+    "predict": "embedstore.predict",
+    "export": "embedstore.export",
+    "finetune": "embedstore.finetune",
+    "load_backbone": "embedstore.backbones",
+    "load_for_inference": "embedstore.backbones.runtimes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'embedstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once is enough
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -82,11 +83,13 @@ def _mixed_precision(name: str) -> Backbone | None:
 def probe_cosine(reference: Backbone, candidate: Backbone) -> float:
     """The smallest cosine between the two backbones' embeddings of probe images (the
     sample photos scikit-learn ships, whole and in crops, and noise)."""
-    from embedstore.check import sample_photos
+    import sklearn.datasets
+
     from embedstore.pipeline import Resizer, decode_image
 
+    photos = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
     resizer = Resizer(reference.input_size, reference.crop_fraction)
-    images = [decode_image(open(p, "rb").read()) for p in sample_photos()]
+    images = [decode_image(p.read_bytes()) for p in photos]
     crops = [im[: im.shape[0] // 2, : im.shape[1] // 2] for im in images]
     noise = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
     pixels = resizer.batch(images + crops + list(noise))
