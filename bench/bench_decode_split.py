@@ -24,7 +24,6 @@ import numpy as np
 
 from bench.bench_extract import make_jpegs, make_tree
 from bench.common import report, table
-
 from embedstore.backbones.runtimes import load_for_inference
 from embedstore.pipeline import Resizer, batched, load_file, stream
 
@@ -100,7 +99,7 @@ def main() -> None:
     settings = {f"{w} decode thread{'s' if w > 1 else ''}":
                 (lambda files, w=w: _with_threads(files, backbone, w)) for w in (1, 2, 4)}
     settings["2 decode processes"] = lambda files: _with_processes(files, backbone, pool)
-    for label, tree in datasets.items():  # warm: page cache, conversion, process start-up
+    for tree in datasets.values():  # warm: page cache, conversion, process start-up
         files = sorted(glob.glob(f"{tree}/*/*"))[:64]
         for run in settings.values():
             run(files)

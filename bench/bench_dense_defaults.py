@@ -37,7 +37,6 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score, train_test_split
 
 from bench.common import REPO, report, table
-
 from embedstore.heads import DenseHead, LogRegHead
 from embedstore.store import open_store
 
@@ -148,7 +147,8 @@ def fm60k_section(fm_store: Path, old_dense) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/dense-bench"))
-    ap.add_argument("--fm-store", type=Path, help="70k Fashion-MNIST store (train- and test- files)")
+    ap.add_argument("--fm-store", type=Path,
+                    help="70k Fashion-MNIST store (train- and test- files)")
     ap.add_argument("--skip-small", action="store_true", help="skip the sample and photo set CV")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from bench.common import report, run_child, table
 from bench.fashion_mnist import write_pngs
 

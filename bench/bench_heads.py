@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report, table
-
 from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.store import copy_rows, open_store
 
@@ -149,7 +148,8 @@ def store_io_section(store: Path) -> str:
     gb = full.nbytes / 1e9
     return table(["read", "rows", "seconds", "throughput"], [
         ["full (StoreReader.embeddings())", n, f"{full_s:.2f}", f"{gb / full_s:.2f} GB/s"],
-        ["chunked (iter_embeddings, 8192 rows)", n, f"{chunked_s:.2f}", f"{gb / chunked_s:.2f} GB/s"],
+        ["chunked (iter_embeddings, 8192 rows)", n, f"{chunked_s:.2f}",
+         f"{gb / chunked_s:.2f} GB/s"],
         ["10k random rows (StoreReader.embeddings(rows))", 10000, f"{gather_s:.2f}",
          f"{10000 / gather_s:,.0f} rows/s"],
         ["1k random rows, one h5py read each", 1000, f"{single_s:.2f}",

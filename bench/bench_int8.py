@@ -24,7 +24,6 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 
 from bench.common import REPO, report, table
-
 from embedstore.backbones import int8
 from embedstore.extract import extract
 from embedstore.heads import LogRegHead
@@ -67,7 +66,8 @@ def extract_pair(images: Path, work: Path, name: str, int8_backbone: str | None 
 
 def sample_section(work: Path) -> list:
     pair = extract_pair(REPO / "data" / "fashion-mnist-sample", work, "sample")
-    (X32, y, sha, paths), (X8, y8, _, paths8) = rows(pair["fp32"]["store"]), rows(pair["int8"]["store"])
+    X32, y, sha, paths = rows(pair["fp32"]["store"])
+    X8, y8, _, paths8 = rows(pair["int8"]["store"])
     assert (paths == paths8).all() and (y == y8).all()
     cv = StratifiedGroupKFold(5, shuffle=True, random_state=0)
     acc = {k: cross_val_score(LogRegHead(), X, y, groups=sha, cv=cv)

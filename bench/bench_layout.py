@@ -93,7 +93,8 @@ def main() -> None:
                                       statistics.median(a_["commit_s"]) for a_, b in zip(old, new)])
     rows = []
     for name, runs in results.items():
-        rows.append([name, f"{statistics.median([statistics.median(x['commit_s']) for x in runs]):.3f}",
+        commit = statistics.median([statistics.median(x["commit_s"]) for x in runs])
+        rows.append([name, f"{commit:.3f}",
                      f"{statistics.median([x['reopen_s'] for x in runs]):.2f}",
                      f"{statistics.median([x['reader_open_s'] for x in runs]):.3f}"])
     rows.append(["**new / old, median of per-round ratios**", f"**{commit_ratio:.2f}**",

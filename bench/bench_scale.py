@@ -160,7 +160,8 @@ def main() -> None:
             big_s, small_s, ratio = probe(w, n, small_store, base)  # from the checkpoint on
             n += PROBE_COMMITS * COMMIT_ROWS
             peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            results.append([f"{checkpoint:,}", f"{np.median(window):.3f}", f"{np.percentile(window, 90):.3f}",
+            results.append([f"{checkpoint:,}", f"{np.median(window):.3f}",
+                            f"{np.percentile(window, 90):.3f}",
                             f"{window.max():.2f}", f"{big_s:.3f} / {small_s:.3f}; "
                             f"**{ratio:.2f}**", f"{peak_rss:.0f}", f"{index_mb:.0f}",
                             read["shards"], f"{read['open_s']:.3f}", f"{read['random_s']:.2f}",
@@ -179,11 +180,13 @@ def main() -> None:
     done = {row[0] for row in results}
     not_run = [f"{c:,}" for c in CHECKPOINTS if f"{c:,}" not in done]
     body = table(["rows", "commit s (median of last 50)", "p90", "max",
-                  "probe: median commit s here / in a new store; median ratio of pairs", "writer peak RSS MB",
+                  "probe: median commit s here / in a new store; median ratio of pairs",
+                  "writer peak RSS MB",
                   "row index MB", "shards", "open_store s", "10k random rows s", "stream all s",
                   "stream GB/s", "disk bytes/row", "re-open writer s",
                   "re-opened writer peak RSS MB"], results)
-    body += (f"\n\nCommits of {COMMIT_ROWS:,} rows x {DIM} float32 ({COMMIT_ROWS * DIM * 4 / 1e6:.0f}"
+    commit_mb = COMMIT_ROWS * DIM * 4 / 1e6
+    body += (f"\n\nCommits of {COMMIT_ROWS:,} rows x {DIM} float32 ({commit_mb:.0f}"
              f" MB of vectors each), one writer. Writer open on an empty store "
              f"{writer_open_s:.2f} s. Raw vectors are {DIM * 4} bytes/row. Load "
              f"average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."

@@ -27,7 +27,8 @@ SAMPLE = REPO / "data" / "fashion-mnist-sample"
 
 # Runs the CLI from the tree on sys.path[0], then says whether TensorFlow was imported.
 RUNNER = ("import sys, atexit; "
-          "atexit.register(lambda: sys.stderr.write('\\nTF=%d\\n' % ('tensorflow' in sys.modules))); "
+          "atexit.register(lambda: sys.stderr.write("
+          "'\\nTF=%d\\n' % ('tensorflow' in sys.modules))); "
           "sys.argv = ['embedstore'] + sys.argv[1:]; "
           "from embedstore_cli import main; main()")
 

@@ -17,13 +17,13 @@ import time
 import numpy as np
 
 from bench.common import report, table
-
 from embedstore.backbones import runtimes
 from embedstore.backbones.runtimes import tflite as _tflite  # noqa: F401  (runtimes.tflite)
 
 
 def _interpreter(batch: int, threads: int):
-    it = runtimes.tflite._interpreter_class()(model_path=str(runtimes.tflite._mobilenet_v2_tflite_path()),
+    model = str(runtimes.tflite._mobilenet_v2_tflite_path())
+    it = runtimes.tflite._interpreter_class()(model_path=model,
                                        num_threads=threads)
     inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
     it.resize_tensor_input(inp, [batch, 224, 224, 3])

@@ -22,9 +22,11 @@ CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
 
 def load(split: str = "train", root: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "t10k"
-    images_gz, labels_gz = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    images_gz = root / f"{prefix}-images-idx3-ubyte.gz"
+    labels_gz = root / f"{prefix}-labels-idx1-ubyte.gz"
     if not images_gz.exists():
-        raise SystemExit(f"{images_gz} not found; install it with: apt-get install dataset-fashion-mnist")
+        raise SystemExit(f"{images_gz} not found; install it with: "
+                         "apt-get install dataset-fashion-mnist")
     with gzip.open(images_gz) as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(labels_gz) as f:
@@ -32,7 +34,8 @@ def load(split: str = "train", root: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.
     return images, labels
 
 
-def write_pngs(out: Path, split: str = "train", per_class: int | None = None, offset: int = 0) -> int:
+def write_pngs(out: Path, split: str = "train", per_class: int | None = None,
+               offset: int = 0) -> int:
     """Write class folders; returns the number of images written."""
     images, labels = load(split)
     written = 0
@@ -48,7 +51,8 @@ def write_pngs(out: Path, split: str = "train", per_class: int | None = None, of
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--split", choices=["train", "test"], default="train")
     ap.add_argument("--per-class", type=int)

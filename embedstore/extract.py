@@ -9,10 +9,9 @@ in /failures with the reason and never stop the job.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 
 from embedstore.backbones import Backbone
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store

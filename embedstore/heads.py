@@ -17,6 +17,7 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
+
 # scikit-learn's private helpers are used here only (the parameter-constraint machinery
 # and fit's context); pyproject pins the range they were tested with
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
@@ -66,7 +67,7 @@ class EmbeddingHead(ClassifierMixin, BaseEstimator):
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
 
     @classmethod
-    def from_fitted_state(cls, params: dict, state: dict) -> "EmbeddingHead":
+    def from_fitted_state(cls, params: dict, state: dict) -> EmbeddingHead:
         head = cls(**params)
         for name, value in state.items():
             setattr(head, name, value)
@@ -194,7 +195,7 @@ class LogRegHead(EmbeddingHead):
         return state
 
     @classmethod
-    def from_fitted_state(cls, params: dict, state: dict) -> "LogRegHead":
+    def from_fitted_state(cls, params: dict, state: dict) -> LogRegHead:
         state = dict(state)
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_ = state.pop("scaler_mean_"), state.pop("scaler_scale_")
@@ -289,7 +290,7 @@ class KNNHead(EmbeddingHead):
         return state
 
     @classmethod
-    def from_fitted_state(cls, params: dict, state: dict) -> "KNNHead":
+    def from_fitted_state(cls, params: dict, state: dict) -> KNNHead:
         head = super().from_fitted_state(params, state)
         head.index_ = cls._build_index(head.X_, int(head.k_))
         return head

@@ -18,9 +18,9 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -229,7 +229,8 @@ def load_file(path: str, resizer: Resizer, skip: Callable[[str], bool],
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        return Loaded(index, error=f"unreadable file ({exc.strerror or exc})", seconds=clock.lap("read"))
+        return Loaded(index, error=f"unreadable file ({exc.strerror or exc})",
+                      seconds=clock.lap("read"))
     clock.lap("read")
     sha = hashlib.sha256(data).hexdigest()
     clock.lap("hash")

@@ -168,7 +168,8 @@ def test_jpeg_scale_keeps_the_short_side_above_the_target():
     assert jpeg_scale(640, 427, 256) == 1
     assert jpeg_scale(1280, 854, 256) == 2
     assert jpeg_scale(4032, 3024, 256) == 8
-    assert jpeg_scale(2047, 2047, 256) == 8 and jpeg_scale(2040, 2040, 256) == 4  # ceil(2040/8) = 255
+    # ceil(2040 / 8) = 255 < 256
+    assert jpeg_scale(2047, 2047, 256) == 8 and jpeg_scale(2040, 2040, 256) == 4
 
 
 @pytest.mark.tf

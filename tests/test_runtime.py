@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedstore.backbones import Backbone, runtimes
-from embedstore.backbones.runtimes import auto, tflite  # noqa: F401  (runtimes.tflite)
-from embedstore.backbones.runtimes import load_for_inference
+from embedstore.backbones.runtimes import auto, load_for_inference, tflite  # noqa: F401  (runtimes.tflite)
 from embedstore.extract import extract
 from embedstore.pipeline import Resizer, decode_image, resize_for_backbone, resize_image
 from embedstore.store import StoreWriter, open_store
@@ -99,7 +98,8 @@ def test_a_backbone_that_cannot_be_converted_runs_on_keras_and_says_so(hub_saved
 
 
 def test_unknown_runtime_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown runtime 'gpu'; use one of: auto, tflite, keras, int8"):
+    with pytest.raises(ValueError,
+                       match="unknown runtime 'gpu'; use one of: auto, tflite, keras, int8"):
         load_for_inference("mobilenet_v2", "gpu")
 
 

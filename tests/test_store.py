@@ -17,8 +17,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.store import (StoreError, StoreWriter, lock_path, merge,
-                              merge_stores, open_store, parts_dir, quarantine_dir, verify)
+from embedstore.store import (
+    StoreError,
+    StoreWriter,
+    lock_path,
+    merge,
+    merge_stores,
+    open_store,
+    parts_dir,
+    quarantine_dir,
+    verify,
+)
 from embedstore_cli.app import cli
 
 DIM = 8
@@ -266,7 +275,8 @@ def _write_format1(store: Path) -> None:
                         "backbone_config": "{}", "absorbed_seq": 2})
         f.create_dataset("embeddings", data=np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM),
                          maxshape=(None, DIM), chunks=(64, DIM))
-        f.create_dataset("paths", data=np.array(["a/1.png", "b/2.png", "b/3.png"], object), dtype=strs)
+        f.create_dataset("paths", data=np.array(["a/1.png", "b/2.png", "b/3.png"], object),
+                         dtype=strs)
         f.create_dataset("sha256", data=np.array([sha(1), sha(2), sha(3)], object), dtype=strs)
         f.create_dataset("labels", data=np.array([0, 1, 1], np.int32))
         f.create_dataset("views", data=np.zeros(3, np.int16))

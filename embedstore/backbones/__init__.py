@@ -25,8 +25,14 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from embedstore.backbones.base import (SAVED_BACKBONE_FILE, Backbone, BackboneError,
-                                       BackboneSpec, fingerprint, imagenet_class_names)
+from embedstore.backbones.base import (
+    SAVED_BACKBONE_FILE,
+    Backbone,
+    BackboneError,
+    BackboneSpec,
+    fingerprint,
+    imagenet_class_names,
+)
 
 __all__ = ["SAVED_BACKBONE_FILE", "Backbone", "BackboneError", "BackboneSpec", "FAMILIES",
            "fingerprint", "imagenet_class_names", "load_backbone", "registry"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class BackboneSpec:
     dim: int | None
     weights_source: str
     is_available: Callable[[], bool]
-    loader: Callable[[], "Backbone"] = field(repr=False)
+    loader: Callable[[], Backbone] = field(repr=False)
 
 
 @dataclass

@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -136,7 +136,8 @@ def _fidelity(int8_vectors: np.ndarray, fp32_vectors: np.ndarray) -> dict:
     """Cosine similarity of each int8 vector to its fp32 vector: min and median."""
     cos = (int8_vectors * fp32_vectors).sum(1) / np.maximum(
         np.linalg.norm(int8_vectors, axis=1) * np.linalg.norm(fp32_vectors, axis=1), 1e-12)
-    return {"min_cosine": round(float(cos.min()), 4), "median_cosine": round(float(np.median(cos)), 4),
+    return {"min_cosine": round(float(cos.min()), 4),
+            "median_cosine": round(float(np.median(cos)), 4),
             "on": "the calibration images"}
 
 

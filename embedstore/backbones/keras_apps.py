@@ -13,7 +13,8 @@ PREFIX = "keras:"
 # Every application keras.applications ships, with its own input size and
 # preprocessing (in Preprocess terms; a test checks the table against Keras).
 _TF_MODE = {"scale": 1 / 127.5, "mean": [1.0, 1.0, 1.0], "std": [1.0, 1.0, 1.0], "bgr": False}
-_CAFFE_MODE = {"scale": 1.0, "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0], "bgr": True}
+_CAFFE_MODE = {"scale": 1.0, "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0],
+               "bgr": True}
 _TORCH_MODE = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                "bgr": False}
 _NONE_MODE = {"scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "bgr": False}

@@ -67,6 +67,7 @@ def split_at(model, block: str | int):
 def _examples(model) -> str:
     if is_port(model):
         return "1..18"
-    names = [l.name for g in [model] + [l for l in model.layers if hasattr(l, "layers")]
-             for l in g.layers if l.name.endswith(("_expand", "_1_conv", "_0_conv"))]
+    graphs = [model] + [layer for layer in model.layers if hasattr(layer, "layers")]
+    names = [layer.name for g in graphs
+             for layer in g.layers if layer.name.endswith(("_expand", "_1_conv", "_0_conv"))]
     return ", ".join(names[-8:]) or "a layer name from model.summary()"

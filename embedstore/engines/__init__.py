@@ -14,7 +14,7 @@ and one line in ENGINES.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from embedstore.engines.job import Committer, ExtractionJob, JobState
 

@@ -16,15 +16,30 @@ TensorFlow, no heads here.
 from embedstore.store._format import FORMAT, FORMAT_VERSION, StoreError, backbone_attrs
 from embedstore.store._layout import INDEX, layout, parts_dir, quarantine_dir
 from embedstore.store._lock import lock_path
-from embedstore.store.maintenance import (compact, copy_rows, merge, merge_stores,
-                                          stored_backbone, verify)
-from embedstore.store.backends import (BACKENDS, CompactResult, MergeResult, Reader, StoreInfo,
-                                       VerifyResult, Writer, open_store, open_writer)
+from embedstore.store.backends import (
+                                          BACKENDS,
+                                          CompactResult,
+                                          MergeResult,
+                                          Reader,
+                                          StoreInfo,
+                                          VerifyResult,
+                                          Writer,
+                                          open_store,
+                                          open_writer,
+)
+from embedstore.store.maintenance import (
+                                          compact,
+                                          copy_rows,
+                                          merge,
+                                          merge_stores,
+                                          stored_backbone,
+                                          verify,
+)
 from embedstore.store.reader import StoreReader, read_rows
 from embedstore.store.writer import FOLD_ROWS, PendingRows, StoreWriter
 
-__all__ = ["BACKENDS", "CompactResult", "MergeResult", "StoreInfo", "VerifyResult", "FORMAT", "FORMAT_VERSION", "FOLD_ROWS", "INDEX", "PendingRows",
-           "Reader", "StoreError", "StoreReader", "Writer", "layout", "open_writer",
-           "StoreWriter", "backbone_attrs", "compact", "copy_rows", "lock_path", "merge",
-           "merge_stores", "open_store", "parts_dir", "quarantine_dir", "read_rows",
-           "stored_backbone", "verify"]
+__all__ = ["BACKENDS", "CompactResult", "FOLD_ROWS", "FORMAT", "FORMAT_VERSION", "INDEX",
+           "MergeResult", "PendingRows", "Reader", "StoreError", "StoreInfo", "StoreReader",
+           "StoreWriter", "VerifyResult", "Writer", "backbone_attrs", "compact", "copy_rows",
+           "layout", "lock_path", "merge", "merge_stores", "open_store", "open_writer",
+           "parts_dir", "quarantine_dir", "read_rows", "stored_backbone", "verify"]

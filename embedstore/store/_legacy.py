@@ -38,7 +38,7 @@ def part_files(parts: Path) -> list[Path]:
     return sorted(files, key=lambda p: (part_seq(p) is None, part_seq(p) or 0, p.name))
 
 
-def import_store(path: Path, writer: "StoreWriter") -> None:
+def import_store(path: Path, writer: StoreWriter) -> None:
     """Copy every row of a format-1 store into new shards of `writer` (not yet published)."""
     with open_h5(path) as f:
         table = strings(f["classes"])
@@ -61,7 +61,7 @@ def import_store(path: Path, writer: "StoreWriter") -> None:
             writer.failed[p] = s
 
 
-def replay_part(path: Path, writer: "StoreWriter") -> None:
+def replay_part(path: Path, writer: StoreWriter) -> None:
     """Queue one format-1 part's work in `writer.pending`, in the order merge applied it."""
     with h5py.File(path, "r") as f:
         for p in strings(f["removed"]) if "removed" in f else []:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import h5py
 import numpy as np
@@ -332,7 +332,7 @@ class RowIndex:
 
     def live_column(self, name: str) -> Iterable[np.ndarray]:
         """One column of every live row, a shard at a time (e.g. every path, for --prune)."""
-        for seq, shard in self.shards.items():
+        for shard in self.shards.values():
             with h5py.File(self.shard_dir / shard.name, "r") as f:
                 yield f[name][()][shard.live()]
 

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-import logging
-
 from embedstore.store import _legacy
 from embedstore.store._format import COPY_BLOCK_ROWS, StoreError, backbone_attrs, open_h5
 from embedstore.store._index import COLUMNS, read_index
-from embedstore.store._layout import (PARTS, check_self_contained, is_regular_file, layout,
-                                      store_root)
+from embedstore.store._layout import (
+    PARTS,
+    check_self_contained,
+    is_regular_file,
+    layout,
+    store_root,
+)
 from embedstore.store._shard import file_sha256
-from embedstore.store.backends import (CompactResult, MergeResult, Reader, VerifyResult, Writer,
-                                       open_store, open_writer)
+from embedstore.store.backends import (
+    CompactResult,
+    MergeResult,
+    Reader,
+    VerifyResult,
+    Writer,
+    open_store,
+    open_writer,
+)
 from embedstore.store.writer import CHANGED
 
 log = logging.getLogger("embedstore.store")

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
-from embedstore.store.backends import StoreInfo
-from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
-                                      open_h5, strings)
+from embedstore.store._format import (
+    COPY_BLOCK_ROWS,
+    StoreError,
+    backbone_attrs,
+    decode,
+    open_h5,
+    strings,
+)
 from embedstore.store._index import COLUMNS, Shard, read_index
-from embedstore.store._layout import (INDEX, Layout, check_inside, check_self_contained,
-                                      is_regular_file, layout)
+from embedstore.store._layout import (
+    INDEX,
+    Layout,
+    check_inside,
+    check_self_contained,
+    is_regular_file,
+    layout,
+)
+from embedstore.store.backends import StoreInfo
 
 SHARD_COLUMNS = ("embeddings", "paths", "sha256", "labels", "views", "keys")
 

@@ -30,15 +30,30 @@ import numpy as np
 from embedstore.backbones import BackboneError
 from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.store import _legacy
-from embedstore.store.backends import CompactResult
-from embedstore.store._format import (COPY_BLOCK_ROWS, StoreError, backbone_attrs, decode,
-                                      fixed, fsync_path, open_h5)
+from embedstore.store._format import (
+    COPY_BLOCK_ROWS,
+    StoreError,
+    backbone_attrs,
+    decode,
+    fixed,
+    fsync_path,
+    open_h5,
+)
 from embedstore.store._index import COLUMNS, SHA_WIDTH, Index, Shard, read_index, write_index
-from embedstore.store._layout import (INDEX, OWN_ENTRIES, SHARD_NAME, Layout, check_inside,
-                                      check_self_contained, is_regular_file, store_root)
+from embedstore.store._layout import (
+    INDEX,
+    OWN_ENTRIES,
+    SHARD_NAME,
+    Layout,
+    check_inside,
+    check_self_contained,
+    is_regular_file,
+    store_root,
+)
 from embedstore.store._lock import acquire_lock, release_lock
 from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
 from embedstore.store._shard import ShardRows, file_sha256, write_shard
+from embedstore.store.backends import CompactResult
 from embedstore.store.reader import gather, vectors_of
 
 log = logging.getLogger("embedstore.store")
@@ -385,7 +400,7 @@ class StoreWriter:
                 self._tombstoned.setdefault(where.sha_at(at), {})[v] = at
                 where.shards[at >> ROW_BITS].dead.add(at & ROW_MASK)
 
-    def _place(self, batch: "_Batch", path: str, sha: str, label: str, view: int,
+    def _place(self, batch: _Batch, path: str, sha: str, label: str, view: int,
                source) -> None:
         """One new row; it replaces the path's rows of other content, or of the same view."""
         rows = self._where.rows_of_path(path) if path in self._maybe_committed else []
@@ -397,7 +412,7 @@ class StoreWriter:
         batch.put(path, sha, self._class_of(label), view, source)
         self.index.failures.pop(path, None)
 
-    def _sources_of(self, batch: "_Batch", sha: str) -> dict:
+    def _sources_of(self, batch: _Batch, sha: str) -> dict:
         """Where the vectors of content `sha` are, per view: this batch, or a committed row."""
         found = dict(batch.by_sha.get(sha, {}))
         for at in self._where.rows_of_sha(sha):
@@ -419,7 +434,7 @@ class StoreWriter:
         self.index.next_seq += 1
         return seq
 
-    def _write_batch(self, batch: "_Batch", vectors: np.ndarray | None) -> None:
+    def _write_batch(self, batch: _Batch, vectors: np.ndarray | None) -> None:
         rows = batch.kept()
         emb = np.empty((len(rows), int(self.backbone["dim"])), np.float32)
         new = [(j, src[1]) for j, (*_, src) in enumerate(rows) if src[0] == "new"]

@@ -16,9 +16,9 @@ runtime that changes the vectors) makes a backbone of its own.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from embedstore.backbones import Backbone, BackboneError, int8
 
@@ -44,7 +44,7 @@ class Runtime:
     load: Callable[[str, Say, int | None], Backbone]  # (name, say, threads) -> Backbone
     # (name, preparation, say) -> Backbone, for a runtime that must see the images before
     # it can embed them (int8 calibrates on them); None: `load` is all it needs
-    prepare: Callable[[str, "Preparation", Say], Backbone] | None = None
+    prepare: Callable[[str, Preparation, Say], Backbone] | None = None
 
     @property
     def extract_only(self) -> bool:

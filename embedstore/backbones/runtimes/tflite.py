@@ -18,9 +18,9 @@ import json
 import os
 import queue
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -141,11 +141,13 @@ class _Interpreter:
 
     def __init__(self, model: str | Path | bytes):
         interpreter = _interpreter_class()
-        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        source = ({"model_content": model} if isinstance(model, bytes)
+                  else {"model_path": str(model)})
         with native_output_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             self._interpreter = interpreter(**source, num_threads=1)
             inp = self._interpreter.get_input_details()[0]
-            self._input, self._output = inp["index"], self._interpreter.get_output_details()[0]["index"]
+            self._input = inp["index"]
+            self._output = self._interpreter.get_output_details()[0]["index"]
             self._interpreter.resize_tensor_input(self._input, [1, *inp["shape"][1:]])
             self._interpreter.allocate_tensors()
         self.dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
