@@ -24,7 +24,7 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
         mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
-                          if l.startswith("MemTotal")).split()[1])
+                          if line.startswith("MemTotal")).split()[1])
     except (OSError, StopIteration):
         mem_kb = 0
     vers = []
