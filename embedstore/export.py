@@ -15,8 +15,9 @@ The head becomes Keras layers on top of the backbone:
           tflite, not keras)
 
 Formats (inside OUT/):
-  savedmodel  the SavedModel is OUT itself (tf.saved_model.load(OUT)); signatures `serving_default` (encoded JPEG/PNG/GIF/BMP bytes,
-              shape [N] string) and `predict_images` (uint8 [N, H, W, 3]);
+  savedmodel  OUT itself is the SavedModel (tf.saved_model.load(OUT)); signatures
+              `serving_default` (encoded JPEG/PNG/GIF/BMP bytes, shape [N]
+              string) and `predict_images` (uint8 [N, H, W, 3]);
               both resize exactly as embedstore does (resize_for_backbone).
               Outputs: probabilities [N, C], label [N] string, probability [N].
   keras       model.keras, on resized pixels [N, S, S, 3] in [0, 255]
@@ -43,6 +44,7 @@ from embedstore.quiet import native_output_silenced
 
 EXPORT_JSON = "export.json"
 LABELS = "labels.txt"
+
 
 class ExportError(ValueError):
     """The head cannot be exported as asked."""

@@ -185,7 +185,8 @@ def test_a_killed_cli_driver_leaves_no_ray_process_and_no_ray_line(tmp_path):
                 pass
             time.sleep(0.2)
         running = _session_processes(proc.pid)
-        assert any("raylet" in p for p in running) and any("agent" in p.lower() for p in running), running
+        assert any("raylet" in p for p in running), running
+        assert any("agent" in p.lower() for p in running), running
     finally:
         proc.kill()
         out, err = proc.communicate()

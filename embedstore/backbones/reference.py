@@ -2,7 +2,10 @@
 
 Stores, head directories and exports all record the backbone as a
 `BackboneRef` (name, fingerprint, dim, config). Loading the backbone a file
-names goes through `load_referenced`, which is where the trust rule lives.
+names goes through `resolve` (which one, without loading: the user's
+--backbone, else a directory recorded relative to the file, else the name as
+recorded) and `load_resolved` (load, check the fingerprint); the trust rule
+lives there.
 A name read from a file (a head's manifest, a store's attributes) is loaded
 on the file's word only when loading it runs no code from disk: the built-in
 mobilenet_v2, a `keras:` application (this package's and Keras's code, with
@@ -10,7 +13,9 @@ weights as HDF5 arrays) and an embedstore backbone directory (a `.keras`
 file, loaded in Keras safe mode, which refuses Lambda layers and unknown
 classes). A `hub:` SavedModel is a TensorFlow graph that can read and write
 files when called, so it is loaded only when the user names it as well
-(`--backbone` on the command line). Needs no TensorFlow.
+(`--backbone` on the command line); a backbone the user names is accepted
+whatever its name when its fingerprint is the recorded one. Needs no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -158,17 +163,6 @@ def load_resolved(resolved: Resolved, runtime: str = "keras") -> Backbone:
             f"{resolved.ref.fingerprint[:12]}; embeddings of different backbones cannot be "
             "mixed: pass the backbone the head was trained on, or retrain the head")
     return backbone
-
-
-def load_referenced(ref: BackboneRef, named_by_user: str | None, where: str | Path,
-                    runtime: str = "keras", beside: str | Path | None = None) -> Backbone:
-    """Load the backbone `ref` (read from `where`) records, if the trust rule allows,
-    on `runtime` (backbones.runtimes: keras for export, tflite for inference).
-
-    What can be checked before loading is checked first (the rule, a saved
-    backbone directory's recorded config and dim); the fingerprint after.
-    """
-    return load_resolved(resolve(ref, named_by_user, where, beside), runtime)
 
 
 def load_keras_safely(path: Path, advice: str):
