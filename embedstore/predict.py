@@ -3,9 +3,9 @@
 Inputs are what `extract` takes (files, folders walked recursively, text
 files of image paths), read by embedstore.sources. Files stream through the
 same pipeline as extraction, with the backbone named in the head's manifest
-(its fingerprint must match). With a store,
-images whose content is already embedded there reuse the cached vector and
-the backbone is not even loaded when nothing else needs it.
+(its fingerprint must match). With a store, images whose content is already
+embedded there reuse the cached vector and the backbone is not even loaded
+(or looked for) when nothing else needs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.backbones import Backbone
-from embedstore.backbones.reference import BackboneRef, check_same_backbone, load_resolved
+from embedstore.backbones.reference import (BackboneNotFound, BackboneRef,
+                                            check_same_backbone, load_resolved)
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME
 from embedstore.headdir import (MANIFEST, HeadManifest, load_head, read_manifest,
                                 resolve_head_backbone)
@@ -88,8 +89,13 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         raise PredictError(f"no image files found in {', '.join(map(str, paths))}{why}")
     named = backbone if isinstance(backbone, str) else None
     built = None if isinstance(backbone, str) else backbone
-    # which backbone, and whether it may be loaded, is settled before reading any file
-    resolved = None if built else resolve_head_backbone(head_dir, named, manifest)
+    # which backbone, and whether it may be loaded, is settled before reading any file;
+    # one that cannot be found matters only if an image is not in the store
+    resolved = missing = None
+    try:
+        resolved = None if built else resolve_head_backbone(head_dir, named, manifest)
+    except BackboneNotFound as exc:
+        missing = exc
     cached_rows, reader = (({}, None) if store is None
                            else _cached_vectors(store, manifest, head_dir))
     resizer = Resizer(manifest.backbone.input_size, manifest.backbone.crop_fraction)
@@ -113,6 +119,8 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
 
     def embed_pending() -> None:
         nonlocal built
+        if built is None and missing is not None:
+            raise missing
         built = built or load_resolved(resolved, runtime)  # loaded only when needed
         emb = built.embed([it.image for it in pending])
         vectors.update({it.index: e for it, e in zip(pending, emb)})

@@ -77,6 +77,10 @@ def test_a_moved_head_finds_its_backbone_and_store_beside_it(finetune_like, tmp_
             predict(moved / "head", [image], runtime="keras")
         message = str(info.value)
         assert "../backbone" in message and str(old) in message and "--backbone PATH" in message
+        # ...which matters only for images the store does not hold
+        in_store = str(sorted((SAMPLE / "Bag").glob("*.png"))[0])
+        cached = predict(moved / "head", [in_store], store=moved / "store.h5")
+        assert cached[0]["cached"] and cached[0]["label"] in ("Bag", "Sneaker", "Trouser")
         # any name is accepted when its fingerprint is the manifest's
         given = predict(moved / "head", [image], backbone=str(tmp_path / "renamed"),
                         runtime="keras")

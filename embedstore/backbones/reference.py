@@ -110,6 +110,10 @@ def check_trusted(ref: BackboneRef, named_by_user: str | None, where: str | Path
                             f"it yourself: add --backbone {ref.name}")
 
 
+class BackboneNotFound(BackboneError):
+    """The backbone directory a file records is neither beside it nor where recorded."""
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Which backbone to load for a record, and why that one (for messages)."""
@@ -143,7 +147,7 @@ def resolve(ref: BackboneRef, named_by_user: str | None, where: str | Path,
     check_trusted(ref, named_by_user, where)
     if _is_directory_name(ref.name) and not Path(ref.name).exists():
         tried.append(f"{ref.name} (as recorded)")
-        raise BackboneError(f"{where}: its backbone directory is not found (tried "
+        raise BackboneNotFound(f"{where}: its backbone directory is not found (tried "
                             f"{' and '.join(tried)}); pass --backbone PATH with the backbone "
                             "directory where it is now")
     resolved = Resolved(ref.name, ref, f"{ref.name} as recorded", str(where))
