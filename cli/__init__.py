@@ -14,14 +14,29 @@ which silences retracing warnings.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import json
 import os
 import signal
-import sys
-import threading
-from pathlib import Path
+
+INTERRUPTED = "embedstore: interrupted; committed work is kept, re-run to resume"
+
+
+def _interrupted_at_start_up(signum, frame) -> None:
+    """Ctrl-C while the command line is still importing: nothing has run, so say so in
+    one line and leave (a KeyboardInterrupt here would print an import traceback)."""
+    os.write(2, (INTERRUPTED + "\n").encode())
+    os._exit(130)
+
+
+# first of all: main() hands Ctrl-C back to Python once its handlers are in place
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start_up)
+
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported anywhere
 
@@ -29,8 +44,6 @@ import click  # noqa: E402
 
 from embedstore.quiet import native_output_silenced  # noqa: E402
 from embedstore_cli.app import cli  # noqa: E402
-
-INTERRUPTED = "embedstore: interrupted; committed work is kept, re-run to resume"
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
@@ -72,6 +85,8 @@ def main() -> None:
     if not os.environ.get("EMBEDSTORE_DEBUG") and "tensorflow" not in sys.modules:
         sys.meta_path.insert(0, _QuietTensorFlowImport())
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_at_start_up:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # writers commit on it
         cli.main(standalone_mode=False, prog_name="embedstore")
     except (click.exceptions.Abort, KeyboardInterrupt):
         # Committed work was kept while the exception unwound (writers commit on the way

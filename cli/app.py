@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 
 import click
@@ -626,8 +627,10 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
 @RUNTIME_OPTION
 def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_json,
                 as_csv, runtime) -> None:
-    """Predict labels for image files and folders (recursive) with the head in HEAD_DIR.
+    """Predict labels for images with the head in HEAD_DIR.
 
+    PATHS are what extract takes: image files, folders (recursive) and text
+    files of image paths (one per line, relative to the file's folder).
     Images go through the same pipeline as extraction, with the backbone the
     head was trained on. Unreadable files are reported and the rest still
     predicted; the exit code is non-zero only if nothing could be predicted.
@@ -638,6 +641,8 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
         raise click.UsageError("choose one of --json and --csv")
     results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size,
                       backbone=backbone_name, runtime=runtime)
+    # a file name is bytes: one that is not UTF-8 is printed with its bytes escaped
+    results = [{**r, "path": _printable(r["path"])} for r in results]
     if as_json:
         _json_out(results)
     elif as_csv:
@@ -666,6 +671,10 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
         sys.exit(1)
 
 
+def _printable(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _export_formats():
     from embedstore.export_formats import FORMATS
 
@@ -677,23 +686,27 @@ def _export_formats():
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", default="savedmodel", show_default=True,
               type=_RegistryChoice(_export_formats),
-              help="savedmodel: a directory with image-bytes and uint8 signatures; "
-                   "keras / tflite: one file on resized pixels.")
+              help="savedmodel: OUT is a SavedModel with image-bytes and uint8 signatures; "
+                   "keras / tflite: OUT/model.keras or OUT/model.tflite on resized pixels.")
 @click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
-def export_cmd(head_dir, out, fmt, backbone_name) -> None:
-    """Export backbone + head in HEAD_DIR as one model: image in, probabilities out.
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds an earlier export.")
+def export_cmd(head_dir, out, fmt, backbone_name, overwrite) -> None:
+    """Export backbone + head in HEAD_DIR as the folder OUT: image in, probabilities out.
 
-    The SavedModel's `serving_default` takes encoded JPEG/PNG/GIF/BMP bytes
-    ([N] string), `predict_images` a uint8 batch [N, H, W, 3]; both resize
-    the way embedstore does and return probabilities, label and probability.
-    The keras and tflite files take [N, S, S, 3] RGB floats in [0, 255]
-    already resized (tflite: signature serving_default, input "pixels",
-    output "probabilities"). labels.txt and export.json are written beside.
+    OUT holds the model, labels.txt (output order) and export.json (inputs
+    and outputs); it is written beside and renamed into place, and a
+    non-empty OUT is refused unless --overwrite. The SavedModel's
+    `serving_default` takes encoded JPEG/PNG/GIF/BMP bytes ([N] string),
+    `predict_images` a uint8 batch [N, H, W, 3]; both resize the way
+    embedstore does and return probabilities, label and probability. The
+    keras and tflite models take [N, S, S, 3] RGB floats in [0, 255] already
+    resized (tflite: signature serving_default, input "pixels", output
+    "probabilities"); model.keras loads in plain Keras, without embedstore.
     """
     from embedstore.export import export
 
-    path = export(head_dir, out, fmt, backbone_name=backbone_name)
-    click.echo(f"exported {fmt} to {path}", err=True)
+    path = export(head_dir, out, fmt, backbone_name=backbone_name, overwrite=overwrite)
+    click.echo(f"exported {fmt} to {path}{os.sep}", err=True)
 
 
 # --- finetune ------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
                   plots: bool = True) -> dict:
     """Metrics of a trained head on its validation split, or on every labelled row of STORE."""
     from embedstore.backbones.reference import BackboneRef, check_same_backbone
-    from embedstore.headdir import MANIFEST, load_head, read_manifest
+    from embedstore.headdir import MANIFEST, head_store, load_head, read_manifest
     from embedstore.heads import DenseHead
     from embedstore.splits import load_split
     from embedstore.store import open_store
@@ -128,14 +128,15 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
         if manifest.val_fraction <= 0:
             raise EvaluationError(f"{head_dir} was trained with --val-fraction 0, so it has no "
                                   "validation split; give a labelled test STORE to evaluate on")
-        if not Path(manifest.store).exists():
+        trained_on = head_store(head_dir, manifest)  # found beside a moved head too
+        if not Path(trained_on).exists():
             raise EvaluationError(f"{head_dir} was trained on {manifest.store}, which no longer "
                                   "exists; give a labelled test STORE to evaluate on")
-        split = load_split(manifest.store, manifest.val_fraction, manifest.seed,
+        split = load_split(trained_on, manifest.val_fraction, manifest.seed,
                            training_rows=False)
-        check_same_backbone(manifest.backbone, split.backbone, manifest_file, manifest.store)
+        check_same_backbone(manifest.backbone, split.backbone, manifest_file, trained_on)
         X, y_names = split.X_val, [split.classes[c] for c in split.y_val]
-        source = f"validation split of {manifest.store}"
+        source = f"validation split of {trained_on}"
     else:
         with open_store(store) as s:
             check_same_backbone(manifest.backbone, BackboneRef.from_dict(s.backbone, store),

@@ -1,22 +1,28 @@
 """Export: backbone + head -> one deployable model, image in, probabilities out.
 
-The head becomes Keras layers on top of the backbone (which carries its own
-preprocessing layer):
+OUT is always a folder, built beside it and renamed into place, holding the
+model, labels.txt (one class per line, output order) and export.json (what
+the inputs and outputs are). Its backbone's preprocessing (embedstore's
+Preprocess layer) becomes a frozen standard Dense(3) on the channel axis, so
+the .keras file loads in a Python that never imports embedstore.
+
+The head becomes Keras layers on top of the backbone:
   logreg  one Dense softmax layer with the standardisation folded in
   dense   the trained Keras head itself
   knn     a KNNVotes layer holding the normalised training vectors: the same
-          cosine top-k vote as the scikit-learn head, not an approximation
+          cosine top-k vote as the scikit-learn head, not an approximation (no
+          standard Keras layer takes a top-k, so knn exports as savedmodel or
+          tflite, not keras)
 
-Formats:
-  savedmodel  signatures `serving_default` (encoded JPEG/PNG/GIF/BMP bytes,
-              shape [N] string) and `predict_images` (uint8 [N, H, W, 3]);
+Formats (inside OUT/):
+  savedmodel  OUT itself is the SavedModel (tf.saved_model.load(OUT)); signatures
+              `serving_default` (encoded JPEG/PNG/GIF/BMP bytes, shape [N]
+              string) and `predict_images` (uint8 [N, H, W, 3]);
               both resize exactly as embedstore does (resize_for_backbone).
               Outputs: probabilities [N, C], label [N] string, probability [N].
-  keras       a .keras model on resized pixels [N, S, S, 3] in [0, 255]
-  tflite      the same, as a TensorFlow Lite flatbuffer with one signature,
-              "serving_default": input "pixels", output "probabilities"
-Every format is written with labels.txt (one class per line, output order)
-and export.json (what the inputs and outputs are).
+  keras       model.keras, on resized pixels [N, S, S, 3] in [0, 255]
+  tflite      model.tflite, the same as a TensorFlow Lite flatbuffer with one
+              signature, "serving_default": input "pixels", output "probabilities"
 """
 
 from __future__ import annotations
@@ -28,12 +34,16 @@ import keras
 import numpy as np
 from keras import ops
 
+from embedstore.atomic import replacing_dir
+from embedstore.backbones.layers import Preprocess
+from embedstore.export_formats import FORMATS, MODEL_FILES
 from embedstore.headdir import HeadManifest, load_head, load_head_backbone, read_manifest
 from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.pipeline import min_decode_side, resize_for_backbone
-from embedstore.export_formats import FORMATS
 from embedstore.quiet import native_output_silenced
 
+EXPORT_JSON = "export.json"
+LABELS = "labels.txt"
 
 
 class ExportError(ValueError):
@@ -89,6 +99,33 @@ def head_layer(head, dim: int):
     raise ExportError(f"cannot export a {type(head).__name__}")
 
 
+def standard_preprocess(layer: Preprocess) -> keras.layers.Dense:
+    """embedstore's Preprocess as a frozen Dense(3) on the channel axis: the same
+    per-channel gain and offset (and BGR swap), in a layer plain Keras knows."""
+    kernel = np.zeros((3, 3), np.float32)
+    for c in range(3):  # output channel c reads input channel 2 - c in BGR order
+        kernel[2 - c if layer.bgr else c, c] = layer.scale / layer.std[c]
+    bias = np.array([-m / s for m, s in zip(layer.mean, layer.std)], np.float32)
+    dense = keras.layers.Dense(3, trainable=False, name="preprocess")
+    dense.build((None, None, None, 3))
+    dense.set_weights([kernel, bias])
+    return dense
+
+
+def standard_backbone(model: keras.Model) -> keras.Model:
+    """The backbone model with its Preprocess layer (right after the input, where every
+    embedstore backbone has it) replaced by standard_preprocess; weights shared."""
+    found = [layer for layer in model.layers if isinstance(layer, Preprocess)]
+    if not found:
+        return model
+    if len(found) > 1 or found[0].input is not model.inputs[0]:
+        raise ExportError(f"backbone model {model.name} has its preprocessing in an "
+                          "unexpected place; export needs it right after the input")
+    rest = keras.Model(found[0].output, model.outputs[0], name=model.name)
+    pixels = keras.Input(model.inputs[0].shape[1:], name="pixels")
+    return keras.Model(pixels, rest(standard_preprocess(found[0])(pixels)), name=model.name)
+
+
 def build_model(head_dir: str | Path, backbone=None,
                 backbone_name: str | None = None) -> tuple[keras.Model, HeadManifest]:
     """One Keras model: resized pixels in [0, 255] -> class probabilities."""
@@ -106,7 +143,8 @@ def build_model(head_dir: str | Path, backbone=None,
             "embedstore backbone directory")
     size = backbone.input_size
     pixels = keras.Input((size, size, 3), name="pixels")
-    probabilities = head_layer(load_head(head_dir), backbone.dim)(backbone.model(pixels))
+    features = standard_backbone(backbone.model)(pixels)
+    probabilities = head_layer(load_head(head_dir), backbone.dim)(features)
     return keras.Model(pixels, probabilities, name="embedstore_classifier"), manifest
 
 
@@ -207,32 +245,55 @@ def _decode_other(data):
 
 
 def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
-           backbone=None, backbone_name: str | None = None) -> Path:
-    """Write the deployable model to OUT (a directory for savedmodel, else a file)."""
+           backbone=None, backbone_name: str | None = None, overwrite: bool = False) -> Path:
+    """Write the folder OUT: the deployable model, labels.txt and export.json.
+
+    OUT is built beside and renamed into place, so it is whole or absent; an
+    existing non-empty OUT is refused, and replaced whole with `overwrite` only
+    when it is an earlier export.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    _check_out(out, overwrite)
+    if fmt == "keras" and read_manifest(head_dir).head == "knn":
+        raise ExportError(f"{head_dir} is a knn head, whose top-k vote has no standard Keras "
+                          "layer, so its .keras file would need embedstore to load; export it "
+                          "with --format savedmodel or tflite, which load without embedstore")
     model, manifest = build_model(head_dir, backbone, backbone_name)
     classes = manifest.classes
     size, crop = manifest.backbone.input_size, manifest.backbone.crop_fraction
-    out = Path(out)
-    suffix = {"keras": ".keras", "tflite": ".tflite"}.get(fmt, "")
-    if suffix and out.suffix != suffix:
-        out = out.with_suffix(suffix)
-    (out if fmt == "savedmodel" else out.parent).mkdir(parents=True, exist_ok=True)
-    with native_output_silenced():  # Keras and the converter print hundreds of lines
-        if fmt == "savedmodel":
-            _save_savedmodel(model, classes, size, crop, out)
+    with replacing_dir(out) as tmp, native_output_silenced():  # Keras and the converter
+        if fmt == "savedmodel":                                  # print hundreds of lines
+            _save_savedmodel(model, classes, size, crop, tmp)
         elif fmt == "keras":
-            model.save(out)
+            model.save(tmp / MODEL_FILES[fmt])
         else:
-            out.write_bytes(_tflite_bytes(model))
-    meta_dir = out if fmt == "savedmodel" else out.parent
-    (meta_dir / "labels.txt").write_text("\n".join(classes) + "\n")
-    (meta_dir / "export.json").write_text(json.dumps({
-        "format": fmt, "file": out.name, "classes": classes, "input_size": size,
-        "crop_fraction": crop, "head": manifest.head, "backbone": manifest.backbone.as_dict(),
-        **_interface(fmt, size, len(classes))}, indent=2))
+            (tmp / MODEL_FILES[fmt]).write_bytes(_tflite_bytes(model))
+        (tmp / LABELS).write_text("\n".join(classes) + "\n")
+        (tmp / EXPORT_JSON).write_text(json.dumps({
+            "format": fmt, "file": MODEL_FILES[fmt], "classes": classes, "input_size": size,
+            "crop_fraction": crop, "head": manifest.head,
+            "backbone": manifest.backbone.as_dict(),
+            **_interface(fmt, size, len(classes))}, indent=2))
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT that is a file, or a non-empty folder (with --overwrite: one that
+    is not an earlier export, so that nothing else is ever deleted)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(f"{out} exists and is not a folder; give a new folder to export to")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out} is not empty; pass --overwrite to replace an earlier export, "
+                          "or give a new folder")
+    if not (out / EXPORT_JSON).is_file():
+        raise ExportError(f"{out} is not empty and holds no {EXPORT_JSON}, so it is not an "
+                          "earlier export and --overwrite does not replace it; give a new folder")
 
 
 def _interface(fmt: str, size: int, n_classes: int) -> dict:

@@ -37,10 +37,10 @@ import numpy as np
 from embedstore.activations import ActivationCache
 from embedstore.atomic import replacing_dir
 from embedstore.backbones import Backbone, load_backbone
-from embedstore.backbones.reference import BackboneRef, check_same_backbone, load_referenced
+from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.backbones.split import entry_layer_name, split_at
 from embedstore.extract import backbone_meta
-from embedstore.headdir import MANIFEST, HeadManifest, load_head, read_manifest
+from embedstore.headdir import MANIFEST, HeadManifest, load_head, load_head_backbone, read_manifest
 from embedstore.heads import make_head
 from embedstore.pipeline import Resizer, batched, stream
 from embedstore.splits import validation_mask
@@ -207,7 +207,7 @@ def _load_head_backbone(manifest: HeadManifest, head_dir, named_by_user: str | N
     """The head's backbone as a Keras model (the trust rule and fingerprint checked)."""
     import keras
 
-    backbone = load_referenced(manifest.backbone, named_by_user, Path(head_dir) / MANIFEST)
+    backbone = load_head_backbone(head_dir, named_by_user)  # also beside a moved head
     if not isinstance(backbone.model, keras.Model):
         raise FinetuneError(f"backbone {manifest.backbone.name} is not a Keras model and cannot "
                             "be split into blocks")

@@ -6,6 +6,10 @@
   state.json      its learned scalars, lists and dicts
   model.keras     the dense head's network (loaded with Keras safe_mode)
 
+The manifest records a backbone directory (a fine-tuned OUT/backbone, an
+int8 STORE/int8) and the store also relative to the head directory, so a
+head moved or copied together with them still finds them.
+
 Nothing here unpickles: loading a head directory cannot run code planted in
 it. (Directories of embedstore <= 0.1 held a pickle, model.joblib; they are
 refused with a message to retrain.)
@@ -13,7 +17,9 @@ refused with a message to retrain.)
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -22,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.atomic import replacing_dir
-from embedstore.backbones import Backbone, BackboneError
-from embedstore.backbones.reference import BackboneRef, load_referenced
+from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError
+from embedstore.backbones.reference import (BackboneRef, Resolved, load_keras_safely,
+                                            load_resolved, resolve)
 from embedstore.heads import HEADS, EmbeddingHead, head_kind
 
 MANIFEST = "manifest.json"
@@ -55,6 +62,9 @@ class HeadManifest:
     created: str = ""
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # relative to the head directory ("" when not recorded: older heads, named backbones)
+    backbone_path: str = ""
+    store_path: str = ""
 
     @property
     def val_fraction(self) -> float:
@@ -97,12 +107,45 @@ def write_head_dir(out_dir: str | Path, head: EmbeddingHead, manifest: HeadManif
         if (out / MANIFEST).is_file() and not overwrite:
             raise HeadDirError(f"{out} already holds a trained head; pass --overwrite to "
                                "replace it, or give another directory")
-    with replacing_dir(out) as tmp:
-        files = _write_state(tmp, head.fitted_state())
-        manifest = replace(manifest, files=files, head=head_kind(head))
-        _write_json(tmp / MANIFEST, manifest.to_json())
-        _write_json(tmp / METRICS, metrics)
+    writing = [out]  # the file being written, named as it will be in OUT
+    try:
+        with replacing_dir(out) as tmp:
+            files = _write_state(tmp, head.fitted_state(), lambda n: writing.append(out / n))
+            manifest = replace(manifest, files=files, head=head_kind(head),
+                               **_relative_paths(manifest, out))
+            for name, obj in ((MANIFEST, manifest.to_json()), (METRICS, metrics)):
+                writing.append(out / name)
+                _write_json(tmp / name, obj)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise HeadDirError(f"no space left on {mount_point(out)} writing {writing[-1]}; "
+                           f"{out} was left as it was: free some space and train again") from None
     return out
+
+
+def mount_point(path: Path) -> str:
+    """The mount point of the file system `path` (or its nearest existing parent) is on."""
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def _relative_paths(manifest: HeadManifest, out: Path) -> dict:
+    """The backbone directory and the store as seen from the head directory OUT."""
+    paths = {}
+    backbone = manifest.backbone.name
+    if (not backbone.startswith(("hub:", "keras:"))
+            and (Path(backbone) / SAVED_BACKBONE_FILE).is_file()):
+        paths["backbone_path"] = _relative(backbone, out)
+    if manifest.store and os.path.exists(manifest.store):
+        paths["store_path"] = _relative(manifest.store, out)
+    return paths
+
+
+def _relative(target: str, out: Path) -> str:
+    return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(out))).as_posix()
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -121,7 +164,7 @@ def _json_scalar(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _write_state(directory: Path, state: dict) -> list[str]:
+def _write_state(directory: Path, state: dict, writing=lambda name: None) -> list[str]:
     arrays, values, files = {}, {}, []
     for name, value in state.items():
         if isinstance(value, np.ndarray):
@@ -129,12 +172,15 @@ def _write_state(directory: Path, state: dict) -> list[str]:
                 raise HeadDirError(f"state {name} is an object array and cannot be saved safely")
             arrays[name] = value
         elif hasattr(value, "save") and hasattr(value, "predict"):  # a Keras model
+            writing(f"{name.rstrip('_')}.keras")
             value.save(directory / f"{name.rstrip('_')}.keras")
             files.append(f"{name.rstrip('_')}.keras")
             values[name] = {"keras_file": f"{name.rstrip('_')}.keras"}
         else:
             values[name] = encode_params({"v": value})["v"]
+    writing(STATE_ARRAYS)
     np.savez(directory / STATE_ARRAYS, **arrays)
+    writing(STATE_VALUES)
     _write_json(directory / STATE_VALUES, values)
     return [STATE_ARRAYS, STATE_VALUES, *files]
 
@@ -205,6 +251,12 @@ def read_manifest(head_dir: str | Path) -> HeadManifest:
         backbone = BackboneRef.from_dict(raw["backbone"], path)
     except BackboneError as exc:
         raise HeadDirError(str(exc)) from None
+    for key in ("backbone_path", "store_path"):
+        value = raw.get(key, "")
+        if not isinstance(value, str) or os.path.isabs(value) or "\0" in value:
+            raise HeadDirError(f"{path}: {key!r} must be a path relative to the head "
+                               "directory; the file is damaged or was not written by "
+                               "`embedstore train`: retrain the head")
     known = {f for f in HeadManifest.__dataclass_fields__}
     fields = {k: v for k, v in raw.items() if k in known}
     return HeadManifest(**{**fields, "params": decode_params(raw["params"]),
@@ -247,15 +299,37 @@ def load_head(head_dir: str | Path) -> EmbeddingHead:
                            f"({type(exc).__name__}: {exc}); retrain the head") from None
 
 
-def load_head_backbone(head_dir: str | Path, named_by_user: str | None = None) -> Backbone:
-    """The backbone the head in HEAD_DIR was trained on, as a Keras model. A hub:
-    SavedModel is loaded only when the user names it too (see backbones.reference)."""
-    manifest = read_manifest(head_dir)
-    return load_referenced(manifest.backbone, named_by_user, Path(head_dir) / MANIFEST)
+def resolve_head_backbone(head_dir: str | Path, named_by_user: str | None = None,
+                          manifest: HeadManifest | None = None) -> Resolved:
+    """Which backbone the head in HEAD_DIR needs, without loading it: the user's
+    --backbone (accepted when its fingerprint matches), else the backbone directory
+    recorded relative to the head, else the name as recorded (backbones.reference)."""
+    manifest = manifest or read_manifest(head_dir)
+    beside = Path(head_dir) / manifest.backbone_path if manifest.backbone_path else None
+    return resolve(manifest.backbone, named_by_user, Path(head_dir) / MANIFEST, beside)
+
+
+def load_head_backbone(head_dir: str | Path, named_by_user: str | None = None,
+                       runtime: str = "keras") -> Backbone:
+    """The backbone the head in HEAD_DIR was trained on (see resolve_head_backbone),
+    its fingerprint checked; a Keras model unless `runtime` says otherwise."""
+    return load_resolved(resolve_head_backbone(head_dir, named_by_user), runtime)
+
+
+def head_store(head_dir: str | Path, manifest: HeadManifest | None = None) -> str:
+    """The head's training store: beside the head as recorded relative to it, else
+    the path as recorded (a moved head and store still find each other)."""
+    manifest = manifest or read_manifest(head_dir)
+    if manifest.store_path:
+        beside = Path(head_dir) / manifest.store_path
+        if beside.exists():
+            return str(beside.resolve())
+    return manifest.store
 
 
 def _load_keras(path: Path):
-    import keras
-
     # safe_mode refuses Lambda layers and other deserialisation that runs code
-    return keras.models.load_model(path, compile=False, safe_mode=True)
+    try:
+        return load_keras_safely(path, "retrain the head with `embedstore train`")
+    except BackboneError as exc:
+        raise HeadDirError(str(exc)) from None

@@ -1,9 +1,11 @@
 """Prediction: image files -> the head's labels and probabilities.
 
-Files stream through the same pipeline as extraction, with the backbone
-named in the head's manifest (its fingerprint must match). With a store,
-images whose content is already embedded there reuse the cached vector and
-the backbone is not even loaded when nothing else needs it.
+Inputs are what `extract` takes (files, folders walked recursively, text
+files of image paths), read by embedstore.sources. Files stream through the
+same pipeline as extraction, with the backbone named in the head's manifest
+(its fingerprint must match). With a store, images whose content is already
+embedded there reuse the cached vector and the backbone is not even loaded
+(or looked for) when nothing else needs it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.backbones import Backbone
-from embedstore.backbones.reference import (BackboneRef, check_same_backbone, check_trusted,
-                                            load_referenced)
+from embedstore.backbones.reference import (BackboneNotFound, BackboneRef,
+                                            check_same_backbone, load_resolved)
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME
-from embedstore.headdir import MANIFEST, HeadManifest, load_head, read_manifest
+from embedstore.headdir import (MANIFEST, HeadManifest, load_head, read_manifest,
+                                resolve_head_backbone)
 from embedstore.pipeline import Resizer, stream
-from embedstore.sources import walk_images
+from embedstore.sources import SourceError, is_image_name, scan
 from embedstore.store import open_store
 
 
@@ -27,15 +30,29 @@ class PredictError(ValueError):
     """Nothing can be predicted as asked, with what to do about it."""
 
 
-def expand_paths(paths: list[str]) -> list[str]:
-    """Files as given, folders walked recursively for images; missing paths kept (they fail)."""
-    out = []
+def expand_paths(paths: list[str]) -> tuple[list[str], list[dict]]:
+    """The image files `paths` name, as `extract` reads them (embedstore.sources.scan):
+    images, folders (recursive), text files of image paths. Returns the files in
+    order and {path, error} for what a folder left out (links leading out of it,
+    unreadable folders). A missing path or a file that is neither is kept as a
+    file, so that it is reported as failed."""
+    files, skipped = [], []
     for p in paths:
-        if os.path.isdir(p):
-            out += walk_images(p)
-        else:
-            out.append(p)
-    return out
+        if not os.path.exists(p) or (os.path.isfile(p) and is_image_name(os.path.basename(p))):
+            files.append(p)
+            continue
+        try:
+            source = scan(p)
+        except SourceError as exc:
+            if os.path.isdir(p):  # no images in it, or it cannot be listed
+                skipped.append({"path": p, "error": str(exc)})
+            else:
+                files.append(p)  # not a file list: predicted, and fails as not an image
+            continue
+        files += [ref.path for ref in source.images]
+        skipped += [{"path": os.path.join(p, s.relpath), "error": s.reason}
+                    for s in source.skipped]
+    return files, skipped
 
 
 def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, object]:
@@ -55,7 +72,9 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
             backbone: Backbone | str | None = None,
             runtime: str = DEFAULT_RUNTIME) -> list[dict]:
-    """One dict per file, in input order: path, label, probability, top_k, cached; or path, error.
+    """One dict per file, in input order: path, label, probability, top_k, cached; or path,
+    error. `paths` are what `extract` takes: images, folders, text files of image
+    paths. What folders left out (links leading out of them) follows, as errors.
 
     backbone: a built Backbone, or the name the user gave (required for a head
     trained on a hub: SavedModel, see backbones.reference). runtime: where a backbone
@@ -64,13 +83,19 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
     manifest = read_manifest(head_dir)
     head = load_head(head_dir)
     classes = manifest.classes
-    files = expand_paths(paths)
+    files, skipped = expand_paths([str(p) for p in paths])
     if not files:
-        raise PredictError(f"no image files found in {', '.join(map(str, paths))}")
+        why = f" ({skipped[0]['error']})" if skipped else ""
+        raise PredictError(f"no image files found in {', '.join(map(str, paths))}{why}")
     named = backbone if isinstance(backbone, str) else None
     built = None if isinstance(backbone, str) else backbone
-    if built is None:  # refuse an untrusted backbone before reading any file
-        check_trusted(manifest.backbone, named, Path(head_dir) / MANIFEST)
+    # which backbone, and whether it may be loaded, is settled before reading any file;
+    # one that cannot be found matters only if an image is not in the store
+    resolved = missing = None
+    try:
+        resolved = None if built else resolve_head_backbone(head_dir, named, manifest)
+    except BackboneNotFound as exc:
+        missing = exc
     cached_rows, reader = (({}, None) if store is None
                            else _cached_vectors(store, manifest, head_dir))
     resizer = Resizer(manifest.backbone.input_size, manifest.backbone.crop_fraction)
@@ -94,8 +119,9 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
 
     def embed_pending() -> None:
         nonlocal built
-        built = built or load_referenced(manifest.backbone, named,  # loaded only when needed
-                                         Path(head_dir) / MANIFEST, runtime)
+        if built is None and missing is not None:
+            raise missing
+        built = built or load_resolved(resolved, runtime)  # loaded only when needed
         emb = built.embed([it.image for it in pending])
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()
@@ -122,5 +148,5 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         if reader is not None:
             reader.close()
     score()
-    return results
+    return results + skipped
 

@@ -62,7 +62,7 @@ def test_predict_with_store_reuses_cached_vectors(heads, sample_store, tmp_path,
     def no_backbone(*_args):
         raise AssertionError("the backbone should not be needed")
 
-    monkeypatch.setattr(predict_module, "load_referenced", no_backbone)
+    monkeypatch.setattr(predict_module, "load_resolved", no_backbone)
     cached = predict_module.predict(heads / "logreg", [str(f) for f in FILES], store=sample_store)
     assert all(r["cached"] for r in cached)
     for a, b in zip(expected, cached):
@@ -151,35 +151,39 @@ def test_keras_and_tflite_exports_match_predict(heads, tmp_path):
 
     classes = json.loads((heads / "dense" / "manifest.json").read_text())["classes"]
     pixels = Resizer(224, 0.875).batch([decode_image(f.read_bytes()) for f in FILES])
-    for kind in ("dense", "knn"):
-        want = np.stack([_full(r, classes) for r in predict_module.predict(
-            heads / kind, [str(f) for f in FILES], top_k=10)])
-        model = keras.models.load_model(export(heads / kind, tmp_path / f"{kind}.keras", "keras"))
-        np.testing.assert_allclose(model.predict(pixels, verbose=0), want, atol=1e-4)
+    want = np.stack([_full(r, classes) for r in predict_module.predict(
+        heads / "dense", [str(f) for f in FILES], top_k=10)])
+    out = export(heads / "dense", tmp_path / "k", "keras")
+    model = keras.models.load_model(out / "model.keras")
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), want, atol=1e-4)
 
-    path = export(heads / "logreg", tmp_path / "m", "tflite")
-    runner = _tflite_interpreter(path).get_signature_runner("serving_default")
+    out = export(heads / "logreg", tmp_path / "m", "tflite")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "labels.txt", "model.tflite"]
+    runner = _tflite_interpreter(out / "model.tflite").get_signature_runner("serving_default")
     got = runner(pixels=pixels)["probabilities"]  # named input and output
     want = np.stack([_full(r, classes) for r in predict_module.predict(
         heads / "logreg", [str(f) for f in FILES], top_k=10)])
     np.testing.assert_allclose(got, want, atol=1e-3)
-    assert (tmp_path / "labels.txt").read_text().split() == classes
-    spec = json.loads((tmp_path / "export.json").read_text())
+    assert (out / "labels.txt").read_text().split() == classes
+    spec = json.loads((out / "export.json").read_text())
     assert spec["signatures"]["serving_default"]["inputs"].keys() == {"pixels"}
+    assert spec["file"] == "model.tflite"
 
 
-def test_export_prints_only_its_own_line(heads, tmp_path):
-    """Keras and the TFLite converter print hundreds of lines from native code."""
+def test_export_prints_only_its_own_line(heads, tmp_path, monkeypatch):
+    """Keras and the TFLite converter print hundreds of lines from native code; and OUT/
+    (the README's trailing slash) is a folder, with nothing written beside it."""
     import subprocess
     import sys
 
+    monkeypatch.chdir(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "embedstore", "export", str(heads / "logreg"),
-                           str(tmp_path / "m.tflite"), "--format", "tflite"],
+                           "out/", "--format", "tflite"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
-        f"exported tflite to {tmp_path / 'm.tflite'}"]
-    spec = json.loads((tmp_path / "export.json").read_text())
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == ["exported tflite to out/"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    spec = json.loads((tmp_path / "out" / "export.json").read_text())
     assert spec["format"] == "tflite"
 
 

@@ -151,3 +151,50 @@ def test_a_pool_the_cluster_cannot_hold_is_refused(ray_session, mixed_tree, tmp_
                 engine_options={"gpus_per_worker": 1})
     with pytest.raises(EngineError, match="leave none for decoding"):
         extract(mixed_tree, store, backbone, engine="ray", engine_options={"num_workers": 2})
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Processes of session `sid` (a driver started with start_new_session and all it
+    started, unless they left the session), as 'pid command' lines."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True)
+    return [f"{f[0]} {f[2][:300]}" for f in (line.split(None, 2) for line in
+                                             ps.stdout.splitlines())
+            if len(f) == 3 and int(f[1]) == sid]
+
+
+def test_a_killed_cli_driver_leaves_no_ray_process_and_no_ray_line(tmp_path):
+    """`embedstore extract --engine ray` starts Ray on this machine; kill -9 it mid-run:
+    no Ray process (gcs_server, raylet, agents, workers) outlives it, and the terminal
+    got embedstore's lines only."""
+    pytest.importorskip("ray")
+    store = tmp_path / "s.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "embedstore", "extract", str(SAMPLE),
+                             str(store), "--engine", "ray", "--batch-size", "4",
+                             "--commit-every", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the first batch is committed: Ray and its actors are running
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the driver never committed"
+            try:
+                with open_store(store) as s:
+                    if s.n_rows >= 4:
+                        break
+            except Exception:  # not committed yet
+                pass
+            time.sleep(0.2)
+        running = _session_processes(proc.pid)
+        assert any("raylet" in p for p in running), running
+        assert any("agent" in p.lower() for p in running), running
+    finally:
+        proc.kill()
+        out, err = proc.communicate()
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_processes(proc.pid) == []
+    # embedstore's status line only; Ray's (e.g. its core worker's error about actor
+    # restarts, printed by the driver) are in the session's logs/embedstore_driver.err
+    assert out == "" and all(line.startswith("loading mobilenet_v2")
+                             for line in err.splitlines() if line.strip()), err

@@ -2,7 +2,10 @@
 
 Stores, head directories and exports all record the backbone as a
 `BackboneRef` (name, fingerprint, dim, config). Loading the backbone a file
-names goes through `load_referenced`, which is where the trust rule lives.
+names goes through `resolve` (which one, without loading: the user's
+--backbone, else a directory recorded relative to the file, else the name as
+recorded) and `load_resolved` (load, check the fingerprint); the trust rule
+lives there.
 A name read from a file (a head's manifest, a store's attributes) is loaded
 on the file's word only when loading it runs no code from disk: the built-in
 mobilenet_v2, a `keras:` application (this package's and Keras's code, with
@@ -10,7 +13,9 @@ weights as HDF5 arrays) and an embedstore backbone directory (a `.keras`
 file, loaded in Keras safe mode, which refuses Lambda layers and unknown
 classes). A `hub:` SavedModel is a TensorFlow graph that can read and write
 files when called, so it is loaded only when the user names it as well
-(`--backbone` on the command line). Needs no TensorFlow.
+(`--backbone` on the command line); a backbone the user names is accepted
+whatever its name when its fingerprint is the recorded one. Needs no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -97,43 +102,111 @@ def canonical_name(name: str) -> str:
 
 def check_trusted(ref: BackboneRef, named_by_user: str | None, where: str | Path) -> None:
     """The trust rule, without loading anything: a backbone whose loading runs code from
-    disk is loaded only when the user named the same one (`named_by_user`)."""
-    if named_by_user is not None and canonical_name(named_by_user) != canonical_name(ref.name):
-        raise BackboneError(f"{where} was trained on backbone {ref.name}, not {named_by_user}; "
-                            f"use --backbone {ref.name}, or retrain the head")
+    disk is loaded only when the user names one (`named_by_user`, checked by fingerprint
+    once loaded)."""
     if runs_code_from_disk(ref.name) and named_by_user is None:
         raise BackboneError(f"{where} names backbone {ref.name}; a SavedModel runs its graph "
                             "when loaded and called, so embedstore loads it only when you name "
                             f"it yourself: add --backbone {ref.name}")
-    _precheck_saved_directory(ref, where)
 
 
-def load_referenced(ref: BackboneRef, named_by_user: str | None, where: str | Path,
-                    runtime: str = "keras") -> Backbone:
-    """Load the backbone `ref` (read from `where`) records, if the trust rule allows,
-    on `runtime` (backbones.runtimes: keras for export, tflite for inference).
+class BackboneNotFound(BackboneError):
+    """The backbone directory a file records is neither beside it nor where recorded."""
 
-    What can be checked before loading is checked first (the rule, a saved
-    backbone directory's recorded config and dim); the fingerprint after.
+
+@dataclass(frozen=True)
+class Resolved:
+    """Which backbone to load for a record, and why that one (for messages)."""
+
+    name: str  # what load_backbone() takes
+    ref: BackboneRef  # what it must turn out to be
+    how: str  # "--backbone X", "X beside the head", "X as recorded"
+    where: str  # the file that recorded ref
+
+
+def resolve(ref: BackboneRef, named_by_user: str | None, where: str | Path,
+            beside: str | Path | None = None) -> Resolved:
+    """The backbone to load for `ref` (read from `where`), without loading it.
+
+    Tried in order: the user's name (any name: it is accepted when its fingerprint
+    matches, checked by load_resolved); `beside`, the backbone directory as recorded
+    relative to the file that names it (so a head and its backbone move together); the
+    name as recorded, under the trust rule. `beside` is used only when it holds an
+    embedstore backbone directory, which loads in Keras safe mode or as OpenVINO IR.
     """
+    if named_by_user is not None:
+        return Resolved(named_by_user, ref, f"--backbone {named_by_user}", str(where))
+    tried = []
+    if beside is not None and not runs_code_from_disk(ref.name):
+        if (Path(beside) / SAVED_BACKBONE_FILE).is_file():
+            resolved = Resolved(str(Path(beside).resolve()), ref, f"{beside} (recorded "
+                                "relative to the head)", str(where))
+            _precheck_saved_directory(resolved)
+            return resolved
+        tried.append(f"{beside} (relative to the head)")
+    check_trusted(ref, named_by_user, where)
+    if _is_directory_name(ref.name) and not Path(ref.name).exists():
+        tried.append(f"{ref.name} (as recorded)")
+        raise BackboneNotFound(f"{where}: its backbone directory is not found (tried "
+                            f"{' and '.join(tried)}); pass --backbone PATH with the backbone "
+                            "directory where it is now")
+    resolved = Resolved(ref.name, ref, f"{ref.name} as recorded", str(where))
+    _precheck_saved_directory(resolved)
+    return resolved
+
+
+def load_resolved(resolved: Resolved, runtime: str = "keras") -> Backbone:
+    """Load what `resolve` chose on `runtime` and check it is the recorded backbone."""
     from embedstore.backbones.runtimes import load_for_inference
 
-    check_trusted(ref, named_by_user, where)
-    backbone = load_for_inference(ref.name, runtime)
-    check_same_backbone(ref, BackboneRef.of(backbone), str(where), f"backbone {ref.name} here")
+    backbone = load_for_inference(resolved.name, runtime)
+    if backbone.fingerprint != resolved.ref.fingerprint:
+        raise BackboneError(
+            f"backbone {resolved.how} has fingerprint {backbone.fingerprint[:12]}, but "
+            f"{resolved.where} records {resolved.ref.name} with fingerprint "
+            f"{resolved.ref.fingerprint[:12]}; embeddings of different backbones cannot be "
+            "mixed: pass the backbone the head was trained on, or retrain the head")
     return backbone
 
 
-def _precheck_saved_directory(ref: BackboneRef, where) -> None:
-    meta_file = Path(ref.name) / SAVED_BACKBONE_FILE
-    if ref.name.startswith(("hub:", "keras:")) or not meta_file.is_file():
+def load_keras_safely(path: Path, advice: str):
+    """A .keras file loaded in Keras safe mode; a refusal or a damaged file is one line
+    naming the file (Keras's own message carries the whole model config)."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        if "safe_mode" in text or "Lambda" in text:
+            why = ("it holds a layer that runs Python code (a Lambda layer or a function), "
+                   "which Keras safe mode refuses to load")
+        else:
+            first = text.split(" Full object config")[0].split(" Config:")[0]
+            why = f"it is not a readable Keras model ({type(exc).__name__}: {first[:160]})"
+        raise BackboneError(f"{path}: {why}; {advice}") from None
+
+
+def _is_directory_name(name: str) -> bool:
+    """A name that can only be a saved backbone directory (not a registry name)."""
+    return not name.startswith(("hub:", "keras:")) and ("/" in name or os.sep in name)
+
+
+def _precheck_saved_directory(resolved: Resolved) -> None:
+    ref, where = resolved.ref, resolved.where
+    meta_file = Path(resolved.name) / SAVED_BACKBONE_FILE
+    if resolved.name.startswith(("hub:", "keras:")) or not meta_file.is_file():
         return
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as exc:
         raise BackboneError(f"{meta_file}: unreadable backbone description ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BackboneError(f"{meta_file} does not hold a JSON object; it is not an embedstore "
+                            "backbone directory")
     recorded = {k: meta.get(k) for k in ("input_size", "crop_fraction", "dim")}
     expected = {k: ref.config.get(k, ref.dim if k == "dim" else None) for k in recorded}
     if recorded != expected:
-        raise BackboneError(f"backbone directory {ref.name} describes {recorded}, but {where} "
-                            f"recorded {expected}; it is not the backbone the head was trained on")
+        raise BackboneError(f"backbone directory {resolved.name} describes {recorded}, but "
+                            f"{where} recorded {expected}; it is not the backbone the head was "
+                            "trained on: pass --backbone PATH with that one")

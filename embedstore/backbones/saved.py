@@ -13,18 +13,17 @@ def load(directory: Path) -> Backbone:
 
     if int8.is_int8_dir(directory):
         return int8.load(directory)
-    import keras
-
     from embedstore.backbones import layers  # noqa: F401  registers Preprocess
+    from embedstore.backbones.reference import load_keras_safely
 
     try:
         meta = json.loads((directory / SAVED_BACKBONE_FILE).read_text())
-        # safe mode: refuses Lambda layers and classes not registered by this package
-        model = keras.models.load_model(directory / "backbone.keras", compile=False,
-                                        safe_mode=True)
-    except Exception as exc:
+    except (OSError, ValueError) as exc:
         raise BackboneError(f"{directory} is not a readable embedstore backbone "
                             f"({type(exc).__name__}); save one with Backbone.save") from None
+    # safe mode: refuses Lambda layers and classes not registered by this package
+    model = load_keras_safely(directory / "backbone.keras", "it is not a readable embedstore "
+                              "backbone: save one with Backbone.save")
     return Backbone(str(directory.resolve()), model, meta["input_size"], meta["dim"],
                     meta["preprocessing"], crop_fraction=meta["crop_fraction"],
                     weights_source=str(directory))

@@ -22,9 +22,12 @@ Rows that need no model carry no pixels, so pixels and vectors travel as bytes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -57,14 +60,65 @@ def run(job: ExtractionJob, address: str | None = None, num_workers: int | None 
         raise EngineError("workers must be at least 1")
     if gpus_per_worker is not None and gpus_per_worker <= 0:
         raise EngineError("gpus_per_worker must be positive")
-    started = _connect(address)
+    # A Ray started here belongs to this process: a watchdog ends it if this one is killed
+    watchdog = _start_watchdog() if address is None and not ray.is_initialized() else None
     try:
-        workers = num_workers or _default_pool_size(gpus_per_worker)
-        _check_resources(workers, gpus_per_worker, address)
-        _stream_into_store(job, workers, gpus_per_worker)
+        started = _connect(address)
+        try:
+            workers = num_workers or _default_pool_size(gpus_per_worker)
+            _check_resources(workers, gpus_per_worker, address)
+            with _native_stderr_to_session_log():
+                _stream_into_store(job, workers, gpus_per_worker)
+        finally:
+            if started:
+                ray.shutdown()
     finally:
-        if started:
-            ray.shutdown()
+        if watchdog is not None:
+            watchdog.terminate()  # it ends whatever shutdown left, then exits
+            watchdog.wait()
+
+
+# Runs beside a driver that starts Ray itself. Ray's processes are the driver's
+# descendants; on SIGKILL of the driver, gcs_server and raylet go (Ray makes them
+# share its fate), but the raylet's agents (DashboardAgent, RuntimeEnvAgent) hang for
+# about a minute trying to report to the dead GCS. The watchdog notes the driver's
+# descendants started after itself (not the caller's own children) every
+# WATCH_SECONDS; once the driver is gone (the watchdog's parent changes) or on
+# SIGTERM, it kills those still running (psutil checks pid reuse) and exits.
+WATCH_SECONDS = 0.25
+_WATCHDOG = """
+import os, signal, sys, time
+sys.path.append(sys.argv[3])  # Ray ships psutil in its thirdparty_files
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+driver, me, seen = psutil.Process(int(sys.argv[1])), psutil.Process(), {}
+while not stop and os.getppid() == driver.pid:
+    try:
+        for p in driver.children(recursive=True):
+            if p.pid != me.pid and p.create_time() >= me.create_time():
+                seen[p.pid] = p
+    except psutil.Error:
+        pass
+    time.sleep(float(sys.argv[2]))
+for p in seen.values():
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _start_watchdog():
+    import subprocess
+
+    import ray
+
+    vendored = os.path.join(os.path.dirname(ray.__file__), "thirdparty_files")
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                             str(WATCH_SECONDS), vendored], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _connect(address: str | None) -> bool:
@@ -96,6 +150,47 @@ def _quiet_logging() -> None:
         return
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_session_log() -> Iterator[None]:
+    """The driver's native stderr (Ray's C++ core worker logs its errors there, e.g.
+    about actor restarts) goes to the session's logs/embedstore_driver.err; Python's
+    sys.stderr (embedstore's progress and messages) keeps the terminal."""
+    if os.environ.get("EMBEDSTORE_DEBUG"):
+        yield
+        return
+    log = os.path.join(_session_dir(), "logs", "embedstore_driver.err")
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        sink = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        sink = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
+    os.close(sink)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=python_stderr.encoding,
+                      errors=python_stderr.errors, closefd=False)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(terminal, 2)
+        os.close(terminal)
+
+
+def _session_dir() -> str:
+    """This driver's Ray session directory (/tmp/ray/session_...)."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_session_dir_path()
+    except Exception:  # a private API: if it moved, the lines go to the temp dir
+        import tempfile
+
+        return tempfile.gettempdir()
 
 
 def _default_pool_size(gpus_per_worker: float | None) -> int:
