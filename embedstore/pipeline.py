@@ -75,8 +75,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         if scale > 1:  # Pillow picks the scale from the size asked for
             img.draft(None, (width // scale, height // scale))
     try:
-        img = ImageOps.exif_transpose(img)  # loads the first frame, honours orientation
-        return _to_rgb(img)
+        # loads the first frame, honours orientation
+        return _to_rgb(ImageOps.exif_transpose(img))
     except DecodeError:
         raise
     except Exception as exc:  # truncated, corrupt data, unsupported variants

@@ -134,7 +134,8 @@ def scan(images: str | Path, follow_links: bool = False) -> Source:
         raise SourceError(f"{images}: cannot list the folder ({exc.strerror or exc}); "
                           "fix its permissions") from None
     labelled = not top_level
-    refs, skipped = [], []
+    refs: list[ImageRef] = []
+    skipped: list[Skipped] = []
     for path in walk_images(images, follow_links, skipped):
         rel = Path(os.path.relpath(path, images)).as_posix()
         if printable(rel) != rel:  # recorded as a failure, under its escaped name

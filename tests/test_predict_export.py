@@ -66,7 +66,8 @@ def test_predict_with_store_reuses_cached_vectors(heads, sample_store, tmp_path,
     cached = predict_module.predict(heads / "logreg", [str(f) for f in FILES], store=sample_store)
     assert all(r["cached"] for r in cached)
     for a, b in zip(expected, cached):
-        assert a["label"] == b["label"] and b["probability"] == pytest.approx(a["probability"], abs=1e-4)
+        assert a["label"] == b["label"]
+        assert b["probability"] == pytest.approx(a["probability"], abs=1e-4)
     monkeypatch.undo()
     new = tmp_path / "new.png"
     photo(3).save(new)

@@ -22,6 +22,7 @@ A new family is a module with `load(name) -> Backbone` and one line in FAMILIES.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def registry() -> dict[str, BackboneSpec]:
     for app, (size, _) in keras_apps.KERAS_APPLICATIONS.items():
         specs[f"keras:{app}"] = BackboneSpec(
             f"keras:{app}", size, None, "keras.applications imagenet (downloads)",
-            lambda app=app: keras_apps.weights_cached(app),
-            lambda app=app: keras_apps.load_application(app, None))
+            functools.partial(keras_apps.weights_cached, app),
+            functools.partial(keras_apps.load_application, app, None))
     return specs
 
 

@@ -23,7 +23,7 @@ class _HubFeatureModel:
 
         self.handle = handle
         self.module = hub.load(handle)
-        self.preprocess = Preprocess(**_HUB_PREPROCESSING)
+        self.preprocess = Preprocess(**_HUB_PREPROCESSING)  # type: ignore[arg-type]
         self.variables = list(getattr(self.module, "variables", []))
 
     def __call__(self, pixels, training=False):

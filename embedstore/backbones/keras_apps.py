@@ -55,7 +55,7 @@ def load_application(app: str, weights: str | None) -> Backbone:
     size, prep = KERAS_APPLICATIONS[app]
     constructor = getattr(keras.applications, app)
     local = weights is not None
-    if local and not Path(weights).is_file():
+    if weights is not None and not Path(weights).is_file():
         raise BackboneError(f"weights file {weights} does not exist; "
                             f"give a .weights.h5 saved from keras.applications.{app}")
     try:
@@ -79,7 +79,7 @@ def load_application(app: str, weights: str | None) -> Backbone:
     features = trunk(x)
     embedder = keras.Model(inputs, features, name=f"{app}_features")
     classifier = keras.Model(inputs, probs, name=f"{app}_imagenet")
-    name = f"keras:{app}@{Path(weights).resolve()}" if local else f"keras:{app}"
+    name = f"keras:{app}@{Path(weights).resolve()}" if weights is not None else f"keras:{app}"
     return Backbone(name, embedder, size, int(features.shape[-1]), prep,
                     crop_fraction=1.0,
                     weights_source=weights or "keras.applications (downloads imagenet weights)",

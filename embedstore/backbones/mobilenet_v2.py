@@ -15,6 +15,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,13 +120,13 @@ class _Builder:
         return y
 
 
-def build_model(include_top: bool = True) -> tuple[keras.Model, keras.Model | None, list]:
+def build_model(include_top: bool = True) -> tuple[Any, Any, list]:
     """Uninitialised architecture: (embedding model, classifier or None, weight sources)."""
     from embedstore.backbones.layers import Preprocess
 
     b = _Builder()
     inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="pixels")
-    x = Preprocess(**PREPROCESSING, name="preprocess")(inputs)
+    x = Preprocess(**PREPROCESSING, name="preprocess")(inputs)  # type: ignore[arg-type]
     x = b.conv_bn(x, "features.0", 32, kernel=3, stride=2)
     in_ch, index = 32, 1
     for t, c, n, s in INVERTED_RESIDUAL_SETTINGS:
@@ -156,9 +157,9 @@ def _keras_weights(kind: str, sd: dict, prefix: str) -> list[np.ndarray]:
     raise ValueError(kind)
 
 
-def _port(classifier: keras.Model, sources: list, checkpoint: Path) -> None:
+def _port(classifier: Any, sources: list, checkpoint: Path) -> None:
     sd = load_state_dict(checkpoint)
-    used = set()
+    used: set[str] = set()
     for layer_name, prefix, kind in sources:
         arrays = _keras_weights(kind, sd, prefix)
         classifier.get_layer(layer_name).set_weights(arrays)
@@ -168,7 +169,7 @@ def _port(classifier: keras.Model, sources: list, checkpoint: Path) -> None:
         raise WeightsUnavailable(f"{checkpoint}: port left tensors unused: {sorted(unused)[:3]}")
 
 
-def load() -> tuple[keras.Model, keras.Model]:
+def load() -> tuple[Any, Any]:
     """(embedding model, ImageNet classifier) with real weights, converted once and cached."""
     checkpoint = verified_checkpoint()
     embedder, classifier, sources = build_model(include_top=True)

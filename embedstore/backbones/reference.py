@@ -44,14 +44,15 @@ class BackboneRef:
     config: dict = field(default_factory=dict)  # input size, crop fraction, preprocessing
 
     @classmethod
-    def of(cls, backbone: Backbone) -> "BackboneRef":
+    def of(cls, backbone: Backbone) -> BackboneRef:
         return cls(backbone.name, backbone.fingerprint, int(backbone.dim), backbone.config())
 
     @classmethod
-    def from_dict(cls, d: dict, where: str | Path) -> "BackboneRef":
+    def from_dict(cls, d: dict, where: str | Path) -> BackboneRef:
         """From a manifest's or a store's record; `where` names the file in errors."""
         try:
-            ref = cls(str(d["name"]), str(d["fingerprint"]), int(d["dim"]), dict(d.get("config") or {}))
+            ref = cls(str(d["name"]), str(d["fingerprint"]), int(d["dim"]),
+                      dict(d.get("config") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise BackboneError(f"{where}: the backbone record is incomplete or malformed "
                                 f"({type(exc).__name__}: {exc}); the file is damaged or was not "

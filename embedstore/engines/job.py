@@ -79,6 +79,7 @@ class ExtractionJob:
         elif writer.sha_of(ref.relpath) == sha:
             state.unchanged += 1
         else:
+            assert sha is not None  # a file that was read has a hash
             old_paths = [p for p in writer.paths_of(sha) if p != ref.relpath]
             writer.add_copy(ref.relpath, sha, ref.label)
             for old in old_paths:  # a rename: the old path is gone from disk

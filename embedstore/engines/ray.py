@@ -27,12 +27,16 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedstore.engines import Committer, EngineError, ExtractionJob
 from embedstore.pipeline import STAGES
+
+if TYPE_CHECKING:
+    from embedstore.backbones import Backbone
 
 LOCAL_OBJECT_STORE_BYTES = 300 * 2**20  # enough for a few batches in flight on a small box
 FILES_PER_BLOCK = 64  # rows per input block: one read task; small blocks keep results streaming
@@ -129,7 +133,7 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():  # the caller's own Ray session (a notebook, the tests)
         return False
     quiet = not os.environ.get("EMBEDSTORE_DEBUG")
-    settings = dict(include_dashboard=False, log_to_driver=not quiet,
+    settings: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet,
                     logging_level=logging.ERROR if quiet else logging.INFO,
                     runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
     if address is None:
@@ -186,7 +190,7 @@ def _session_dir() -> str:
     try:
         from ray._private import worker
 
-        return worker._global_node.get_session_dir_path()
+        return worker._global_node.get_session_dir_path()  # type: ignore[attr-defined]
     except Exception:  # a private API: if it moved, the lines go to the temp dir
         import tempfile
 
@@ -232,7 +236,7 @@ def _stream_into_store(job: ExtractionJob, workers: int, gpus_per_worker: float 
     try:
         files = pa.table({"index": np.arange(len(job.refs), dtype=np.int64),
                           "path": [os.path.abspath(r.path) for r in job.refs]})
-        dataset = ray.data.from_arrow([files.slice(start, FILES_PER_BLOCK)
+        dataset: Any = ray.data.from_arrow([files.slice(start, FILES_PER_BLOCK)
                                        for start in range(0, len(job.refs), FILES_PER_BLOCK)])
         backbone = job.backbone
         dataset = dataset.map_batches(
@@ -314,7 +318,7 @@ class Embedder:
 
     def __init__(self, backbone_name: str, runtime: str, fingerprint: str):
         self.backbone_name, self.runtime, self.fingerprint = backbone_name, runtime, fingerprint
-        self.backbone = None
+        self.backbone: Backbone | None = None
 
     def _build(self):
         from embedstore.backbones.runtimes import load_for_inference
@@ -332,12 +336,12 @@ class Embedder:
         vectors = [b""] * len(pixels)
         seconds = np.zeros(len(pixels))  # "infer", shared by the batch's new files
         if new:
-            self.backbone = self.backbone or self._build()
-            size = self.backbone.input_size
+            backbone = self.backbone = self.backbone or self._build()
+            size = backbone.input_size
             clock = time.perf_counter()
             x = np.stack([np.frombuffer(pixels[i], np.float32).reshape(size, size, 3)
                           for i in new])
-            for i, vector in zip(new, self.backbone.embed(x)):
+            for i, vector in zip(new, backbone.embed(x)):
                 vectors[i] = vector.tobytes()
             seconds[new] = (time.perf_counter() - clock) / len(new)
         batch["vector"] = _objects(vectors)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -108,7 +109,8 @@ def _write_virtual_columns(f: h5py.File, index: Index, dim: int) -> None:
     """
     n = sum(s.n_live for s in index.shards)
     width = max([s.path_width for s in index.shards] + [1])
-    specs = {"embeddings": (np.float32, (dim,), np.nan),
+    specs: dict[str, tuple[Any, tuple[int, ...], float | None]] = {
+             "embeddings": (np.float32, (dim,), np.nan),
              "paths": (f"S{width}", (), None),
              "sha256": (f"S{SHA_WIDTH}", (), None),
              "labels": (np.int32, (), -1),

@@ -93,9 +93,10 @@ class SortedRuns:
             run = _merge(self.tail.pop(), run, keep)
         old = self.base or [(np.zeros(0, np.uint64), np.zeros(0, np.int64))]
         edges = [0, *run[0].searchsorted(self.bounds).tolist(), len(run[0])]
-        base = []
+        base: list[Run] = []
         for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-            part, old[i] = old[i], None  # freed as we go: one partition's copy at a time
+            part = old[i]
+            old[i] = (np.zeros(0, np.uint64), np.zeros(0, np.int64))  # freed as we go
             base += _split(_merge(part, (run[0][a:b], run[1][a:b]), keep), self.PART_ROWS)
         self.base = [p for p in base if len(p[0])]
         self.bounds = np.array([p[0][0] for p in self.base[1:]], np.uint64)
@@ -163,7 +164,8 @@ class _RangeFill:
         table = SortedRuns()
         for r, n in enumerate(self.used):
             keys, locs = self.keys[r][:n], self.locs[r][:n]
-            self.keys[r] = self.locs[r] = None
+            self.keys[r] = np.zeros(0, np.uint64)  # freed before the next range
+            self.locs[r] = np.zeros(0, np.int64)
             if n:
                 order = np.argsort(keys)
                 table.base.append((keys[order], locs[order]))
@@ -234,7 +236,7 @@ class RowIndex:
     # shards coming and going ----------------------------------------------------------
     def load(self, shards: list[Shard], dim: int) -> list[tuple[Shard, Exception]]:
         """Index the live rows of `shards`; returns the shards that cannot be read."""
-        bad = []
+        bad: list[tuple[Shard, Exception]] = []
         by_sha, by_path = (_RangeFill(sum(s.n_live for s in shards), SortedRuns.PART_ROWS)
                            for _ in range(2))
         for shard in shards:
@@ -318,7 +320,7 @@ class RowIndex:
     def may_have_paths(self, paths: list[str]) -> set[str]:
         """The paths among `paths` that may have committed rows (a superset, found at once):
         the rest need no lookup one by one."""
-        maybe = self.by_path.may_hold(text_keys(paths)) if paths else []
+        maybe = self.by_path.may_hold(text_keys(paths)) if paths else np.zeros(0, bool)
         return {p for p, m in zip(paths, maybe) if m}
 
     def sha_at(self, location: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -157,6 +158,7 @@ def verify(path: str | Path, block_rows: int = 65536) -> VerifyResult:
             check_self_contained(f, where.index, virtual_ok=COLUMNS)
         except StoreError as exc:
             problems.append(str(exc))
+        files: list[tuple[Path, Any, Any]]  # (file, open handle or None, live rows or None)
         if int(f.attrs.get("format_version", 1)) == 1:
             files = [(where.index, f, None)]
         else:

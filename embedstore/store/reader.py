@@ -295,7 +295,7 @@ def read_rows(ds, sorted_rows: np.ndarray, max_block_rows: int = COPY_BLOCK_ROWS
     touched = np.unique(sorted_rows // chunk)
     # a new block where touched chunks stop being adjacent or the block is full
     breaks = np.flatnonzero(np.diff(touched) != 1) + 1
-    starts = []
+    starts: list[int] = []
     for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(touched)]])):
         starts.extend(range(int(a), int(b), per_block))
     for first, last in zip(starts, starts[1:] + [len(touched)]):

@@ -100,7 +100,7 @@ class StoreWriter:
         self.path = Path(path)
         self.backbone = backbone
         self._mutex = threading.RLock()
-        self._where: RowIndex | None = None
+        self._where = RowIndex(Path("."))  # replaced by _load once the store is locked
         self._lock_fd: int | None = None
         self._verified: set[int] = set()  # shards whose checksum this writer has checked
         root = store_root(self.path)  # a symlinked store stays a symlink
@@ -125,17 +125,15 @@ class StoreWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None or exc_type is KeyboardInterrupt:
                 self.commit()  # keep finished work even on Ctrl-C
         finally:
             self.release()
-        return False
 
     def release(self) -> None:
-        if self._where is not None:
-            self._where.close()
+        self._where.close()
         if self._lock_fd is not None:
             release_lock(self._lock_fd, self.layout.lock)
             self._lock_fd = None
@@ -171,8 +169,7 @@ class StoreWriter:
         self.failed: dict[str, str] = {p: s for p, (s, _) in self.index.failures.items()}
         self._added: dict[str, str | None] = {}  # path -> sha since the last commit; None: gone
         self._added_sha: dict[str, list[str]] = {}  # sha -> paths added since the last commit
-        if self._where is not None:
-            self._where.close()
+        self._where.close()
         self._where = RowIndex(self.layout.parts)
         bad = self._where.load(self.index.shards, int(self.backbone["dim"]))
         if bad:
@@ -439,6 +436,7 @@ class StoreWriter:
         emb = np.empty((len(rows), int(self.backbone["dim"])), np.float32)
         new = [(j, src[1]) for j, (*_, src) in enumerate(rows) if src[0] == "new"]
         if new:
+            assert vectors is not None  # new rows come with their vectors
             at, i = zip(*new)
             emb[list(at)] = vectors[list(i)]
         copied = [(j, src[1]) for j, (*_, src) in enumerate(rows) if src[0] == "loc"]
