@@ -11,7 +11,8 @@ embeddings as .npy. `run` trains the top (blocks 14-18) plus a softmax layer
 on rows [offset, offset+n) exactly as a variant says, 10% of them held out,
 and appends one JSON line to WORK/results.jsonl: frozen logreg (C=0.1) test
 accuracy, the tuned result (logreg retrained on the tuned embeddings, as
-`finetune` delivers it), the jointly trained softmax, hold-out history, and
+`finetune` delivers it), the jointly trained softmax, hold-out accuracy from
+epoch 0 (before any update; frozen_hold: a logreg fit on the other rows), and
 the per-image correctness in WORK/runs/ID.npz. No early stopping, no guard.
 
 Variants: head "folded" = logreg with its scaler folded in (the old init),
@@ -151,6 +152,7 @@ def run(a) -> None:
     frozen = LogRegHead(C=a.C).fit(E, y)
     hold = np.random.default_rng(a.seed + 1).random(a.n) < 0.1
     fit_idx, hold_idx = np.flatnonzero(~hold), np.flatnonzero(hold)
+    frozen_fit = LogRegHead(C=a.C).fit(E[fit_idx], y[fit_idx])  # the guard's reference
     keras.utils.set_random_seed(a.seed)
     top = _top(a.bn)
     inputs = keras.Input(top.input.shape[1:])
@@ -160,6 +162,7 @@ def run(a) -> None:
     model.compile(keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(
         a.lr / 10, steps - warm, warmup_target=a.lr, warmup_steps=warm), weight_decay=a.wd),
         keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    hold0 = model.evaluate(_dataset(X, y, hold_idx, False, a), verbose=0, return_dict=True)
     start = time.perf_counter()
     hist = model.fit(_dataset(X, y, fit_idx, True, a), epochs=a.epochs, verbose=0,
                      validation_data=_dataset(X, y, hold_idx, False, a))
@@ -181,7 +184,9 @@ def run(a) -> None:
               "frozen": round(float(right["frozen"].mean()), 4),
               "tuned_logreg": round(float(right["tuned"].mean()), 4),
               "tuned_softmax": round(float((apply(model, Xt).argmax(1) == yt).mean()), 4),
-              "hold_acc": [round(v, 4) for v in hist.history["val_accuracy"]],
+              "frozen_hold": round(float((frozen_fit.predict(E[hold_idx]) == y[hold_idx]).mean()), 4),
+              "hold_acc": [round(float(hold0["accuracy"]), 4)]
+              + [round(v, 4) for v in hist.history["val_accuracy"]],
               "train_s": round(train_s, 1)}
     print(json.dumps(result))
     with open(w / "results.jsonl", "a") as f:
