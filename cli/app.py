@@ -87,26 +87,38 @@ def backbone_group() -> None:
 @click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--backbone", "backbone_name", default="mobilenet_v2", show_default=True,
               help=BACKBONE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: [{path, top5: [{label, probability}]}].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: [{path, top5: [{label, probability}], expected, passed}] "
+                   "(expected and passed for sample photos of known class), or {path, error}.")
 def backbone_check_cmd(images: tuple[str, ...], backbone_name: str, as_json: bool) -> None:
-    """Classify IMAGES with the backbone's own ImageNet head (top 5 each).
+    """Classify IMAGES with the backbone's own ImageNet head (top 5 each); give a verdict.
 
-    A quick proof that weights and preprocessing are right: scikit-learn's
-    china.jpg should come out as "palace". Without IMAGES, scikit-learn's
-    bundled sample photos are used.
+    A quick proof that weights and preprocessing are right. Without IMAGES,
+    the bundled sample photos are used (scikit-learn's china.jpg and
+    flower.jpg, and scikit-image's coffee.png if it is installed); the check
+    passes when each one of known class comes out as that class (china.jpg a
+    "palace", coffee.png an "espresso"). Exits 1 when it fails or when a file
+    cannot be read as an image.
     """
-    from embedstore.check import check_images, sample_photos
+    from embedstore.check import check_images, sample_photos, verdict
 
     results = check_images(list(images) or sample_photos(), backbone_name)
+    passed, line = verdict(results)
     if as_json:
         _json_out(results)
-        return
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            click.echo(r["path"])
+            for t in r["top5"]:
+                click.echo(f"  {t['probability']:7.2%}  {t['label']}")
+        click.echo(line)
     for r in results:
-        click.echo(r["path"])
         if "error" in r:
-            click.echo(f"  error: {r['error']}")
-        for t in r.get("top5", []):
-            click.echo(f"  {t['probability']:7.2%}  {t['label']}")
+            click.echo(f"embedstore: error: {r['path']}: {r['error']}", err=True)
+    if passed is False or any("error" in r for r in results):
+        sys.exit(1)
 
 
 # --- extract / info / compact --------------------------------------------------------
@@ -157,18 +169,19 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     are recorded in the store's /failures with the reason.
     """
     from embedstore.extract import extract
+    from embedstore.lazy_backbone import NOT_LOADED
 
     bar = None
 
     def on_progress(state):
         nonlocal bar
         if bar is None and not quiet and _tty():  # after start-up, which says what it does
+            # click's own ETA is an unlabelled clock: the line says which time is which
             bar = click.progressbar(length=state.total, label="extracting", file=sys.stderr,
-                                    show_eta=True, show_pos=True, item_show_func=lambda s: s)
+                                    show_eta=False, show_pos=True, item_show_func=lambda s: s)
             bar.__enter__()
         if bar is not None:
-            bar.update(state.done - bar.pos,
-                       f"{state.images_per_second:.0f} img/s, {state.failed} failed")
+            bar.update(state.done - bar.pos, _progress_text(state))
 
     def on_status(message: str) -> None:
         if not quiet:
@@ -186,6 +199,12 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
             bar.__exit__(None, None, None)
     if as_json:
         _json_out(result.__dict__)
+    elif not quiet and result.runtime == NOT_LOADED:
+        click.echo(f"nothing new: {result.total} images, {result.unchanged} unchanged, "
+                   f"{result.reused} reused, {result.failed} failed"
+                   + (f", {result.pruned} pruned" if prune else "") + " in "
+                   f"{result.seconds:.1f} s (no image needed the model, so it was not "
+                   f"loaded) -> {store}", err=True)
     elif not quiet:
         click.echo(f"{result.total} images: {result.embedded} embedded, {result.reused} reused, "
                    f"{result.unchanged} unchanged, {result.failed} failed"
@@ -198,6 +217,20 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
         if len(result.new_failures) > 10:
             click.echo(f"  ... and {len(result.new_failures) - 10} more "
                        f"(embedstore info {store} --failures)", err=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else \
+        f"{minutes}:{seconds:02d}"
+
+
+def _progress_text(state) -> str:
+    """Elapsed and estimated time left, each named; the rate; failures so far."""
+    rate = state.done / state.seconds if state.seconds > 0 else 0.0
+    eta = _clock((state.total - state.done) / rate) if rate else "?"
+    return (f"{_clock(state.seconds)} elapsed, ETA {eta}, {state.images_per_second:.0f} img/s, "
+            f"{state.failed} failed")
 
 
 @cli.command("info")
@@ -360,6 +393,12 @@ HEAD_FLAGS = {
     "--weights": ("weights", str, "neighbour votes"),
 }
 PARAM_FLAGS = {param: flag for flag, (param, _, _) in HEAD_FLAGS.items()}
+HEAD_METAVARS = {"--C": "FLOAT|auto", "--max-iter": "INTEGER", "--class-weight": "balanced|none",
+                 "--hidden": "SIZES", "--dropout": "FLOAT", "--label-smoothing": "FLOAT",
+                 "--optimizer": "adam|sgd", "--learning-rate": "FLOAT", "--momentum": "FLOAT",
+                 "--epochs": "INTEGER", "--head-batch-size": "INTEGER|auto",
+                 "--early-stopping": "on|off|auto", "--patience": "INTEGER",
+                 "--k": "INTEGER", "--weights": "uniform|distance"}
 
 
 def _heads_taking(param: str) -> dict[str, object]:
@@ -443,8 +482,9 @@ def head_options(multi: bool):
 
     def decorate(f):
         for flag in reversed(list(HEAD_FLAGS)):
+            metavar = HEAD_METAVARS[flag]
             f = click.option(flag, HEAD_FLAGS[flag][0], cls=_HeadOption, multi=multi,
-                             default=None, metavar="VALUE")(f)
+                             default=None, metavar=f"{metavar}[,...]" if multi else metavar)(f)
         return f
 
     return decorate
@@ -532,7 +572,10 @@ def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **op
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
 @click.option("--head", "heads", multiple=True, type=_RegistryChoice(_head_names),
               help="Head type to include; repeat for several [default: logreg, dense, knn].")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="Share of images held out for validation (by content hash: stable); every "
+                   "candidate is scored on the same split.")
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
 @head_options(multi=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
@@ -590,7 +633,8 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
         topk = next((k for k in result if k.startswith("top")), None)
         click.echo(f"{result['source']}: {result['n']} images")
         click.echo(f"accuracy {result['accuracy']:.4f}  "
-                   + (f"{topk.replace('_', ' ')} {result[topk]:.4f}  " if topk else "")
+                   + (f"top-{topk.removeprefix('top').split('_')[0]} accuracy "
+                      f"{result[topk]:.4f}  " if topk else "")
                    + f"macro F1 {result['macro_f1']:.4f}")
         click.echo(f"{'class':<24}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
         for name, m in result["per_class"].items():
@@ -655,6 +699,10 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
                 others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top_k"][1:])
                 click.echo(f"{r['path']:<{width}}  {r['label']:<16} {r['probability']:7.1%}"
                            + (f"   ({others})" if others else ""))
+    listed = max((len(r["top_k"]) for r in results if "top_k" in r), default=top_k)
+    if listed < top_k:  # predict() cuts k to the number of classes
+        click.echo(f"--top-k {top_k}: the head has only {listed} classes, so {listed} are "
+                   "listed", err=True)
     failed = sum("error" in r for r in results)
     if failed and not (as_json or as_csv):
         click.echo(f"{failed} of {len(results)} files could not be predicted", err=True)

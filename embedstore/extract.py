@@ -21,6 +21,7 @@ from embedstore.backbones import Backbone, BackboneError, int8
 from embedstore.backbones.reference import canonical_name
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, load_for_inference
 from embedstore.engines import EngineJob, get_engine
+from embedstore.lazy_backbone import recorded_lazily
 from embedstore.pipeline import DEFAULT_MAX_PIXELS, STAGES, Resizer, batched, stream
 from embedstore.sources import scan
 from embedstore.store import StoreWriter, open_store
@@ -98,8 +99,9 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     source = scan(images, follow_links)
     if isinstance(backbone, str) and runtime == "int8":
         backbone = _int8_backbone(backbone, Path(store), source, max_pixels, status)
-    elif isinstance(backbone, str):
-        backbone = load_for_inference(backbone, runtime, say=status)
+    elif isinstance(backbone, str):  # the model loads at the first new image, if any
+        backbone = (run_elsewhere is None and recorded_lazily(store, backbone, runtime, status)
+                    or load_for_inference(backbone, runtime, say=status))
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     refs = source.images
     startup = time.monotonic() - started
