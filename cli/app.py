@@ -19,7 +19,8 @@ RUNTIME_OPTION = click.option("--runtime", type=click.Choice(["tflite", "keras"]
 EXTRACT_RUNTIME_OPTION = click.option(
     "--runtime", type=click.Choice(["tflite", "keras", "int8"]), default="tflite",
     show_default=True,
-    help=RUNTIME_HELP + " int8: OpenVINO int8 (~2x tflite, cosine to fp32 ~0.97), "
+    help=RUNTIME_HELP + " int8: OpenVINO int8 (model-only 1.2-1.9x tflite, end to end "
+         "0.85-1.5x; cosine to fp32 min 0.95-0.96, median 0.98: README, BENCHMARKS.md), "
          "calibrated once on up to 300 of these images and saved as STORE.int8; its vectors "
          "never mix with fp32 ones (needs pip install 'embedstore[int8]').")
 
