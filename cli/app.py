@@ -200,19 +200,17 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
             bar.__exit__(None, None, None)
     if as_json:
         _json_out(result.__dict__)
-    elif not quiet and result.runtime == NOT_LOADED:
-        click.echo(f"nothing new: {result.total} images, {result.unchanged} unchanged, "
-                   f"{result.reused} reused, {result.failed} failed"
-                   + (f", {result.pruned} pruned" if prune else "") + " in "
-                   f"{result.seconds:.1f} s (no image needed the model, so it was not "
-                   f"loaded) -> {store}", err=True)
     elif not quiet:
-        click.echo(f"{result.total} images: {result.embedded} embedded, {result.reused} reused, "
-                   f"{result.unchanged} unchanged, {result.failed} failed"
-                   + (f", {result.pruned} pruned" if prune else "") + " in "
-                   f"{result.seconds:.1f} s ({result.images_per_second:.0f} img/s, "
-                   f"{result.runtime}; start-up {result.startup_seconds:.1f} s) -> {store}",
-                   err=True)
+        counts = (f"{result.unchanged} unchanged, {result.failed} failed"
+                  + (f", {result.pruned} pruned" if prune else "") + f" in {result.seconds:.1f} s")
+        if result.runtime == NOT_LOADED:
+            click.echo(f"nothing new: {result.total} images, {result.reused} reused, {counts} (no "
+                       f"image needed the model, so it was not loaded) -> {store}", err=True)
+        else:
+            click.echo(f"{result.total} images: {result.embedded} embedded, {result.reused} "
+                       f"reused, {counts} ({result.images_per_second:.0f} img/s, "
+                       f"{result.runtime}; start-up {result.startup_seconds:.1f} s) -> {store}",
+                       err=True)
         for f in result.new_failures[:10]:
             click.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
         if len(result.new_failures) > 10:

@@ -137,6 +137,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     if guard and not force and not reference.can_adopt:
         log("stopping before training: OUT_DIR gets the original weights (--force trains "
             "anyway, --no-guard adopts the tuned weights unjudged)")
+        shutil.rmtree(out / "backbone", ignore_errors=True)  # an earlier run's, if any
         with _stage(timings, "head"):
             after = _write_original(manifest, out, rows, store_backbone, [])
         report = {**common, "stopped_before_training": True, "kept_original_weights": True,

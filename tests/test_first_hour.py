@@ -59,7 +59,7 @@ def test_an_unchanged_rerun_does_not_load_the_model(small_tree, tmp_path):
     again = runner.invoke(cli, ["extract", str(small_tree), store])
     assert again.exit_code == 0, again.output
     assert "loading" not in again.stderr
-    assert "nothing new: 12 images, 12 unchanged" in again.stderr
+    assert "nothing new: 12 images, 0 reused, 12 unchanged" in again.stderr
     assert "not loaded" in again.stderr
     shutil.copy(next((SAMPLE / "Coat").glob("*.png")), small_tree / "Bag" / "new.png")
     third = runner.invoke(cli, ["extract", str(small_tree), store, "--json"])
