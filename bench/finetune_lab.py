@@ -4,6 +4,7 @@
     python bench/finetune_lab.py run WORK --n 5000 [--offset 0] [--head fresh|folded|rawlr]
         [--bn train|frozen|affine] [--lr 1e-3] [--epochs 3] [--wd 1e-4] [--recal ROWS]
         [--chunked] [--seed 0] [--ntest 2000]
+    python bench/finetune_lab.py table WORK   (WORK/results.jsonl as a markdown table)
 
 `cache` runs the frozen bottom (blocks 0-13) once over random Fashion-MNIST
 train/test subsets (seed 0) and keeps block-14 inputs (float16) and frozen
@@ -193,6 +194,28 @@ def run(a) -> None:
         f.write(json.dumps(result) + "\n")
 
 
+BATCHNORM = {"frozen": "frozen (inference mode)", "train": "trained"}
+
+
+def table(work: Path) -> None:
+    """Print every run of WORK/results.jsonl as one markdown row."""
+    print("| train images (offset) | softmax starts | BatchNorm | peak lr | epochs | frozen test "
+          "acc | tuned test acc | gain | hold-out acc by epoch (0 = before any update; frozen "
+          "head on the hold-out) | train s wall / CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        start = {"folded": "frozen logreg head", "fresh": "fresh", "rawlr": "raw logreg"}
+        hold = [f"{h:.2f}" for h in r.get("hold_acc", [])]
+        shown = ", ".join(hold if len(hold) <= 11 else hold[:6] + ["..."] + hold[-3:])
+        cpu = r.get("train_cpu_s")
+        print(f"| {r['n']} (#{r['offset']}) | {start.get(r['head'], r['head'])} | "
+              f"{BATCHNORM.get(r['bn'], r['bn'])}{', recalibrated' if r.get('recal') else ''} | "
+              f"{r['lr']:g} | {r['epochs']} | {r['frozen']:.4f} | {r['tuned_logreg']:.4f} | "
+              f"{r['tuned_logreg'] - r['frozen']:+.4f} | {shown} ({r.get('frozen_hold', '')}) | "
+              f"{r['train_s']:.0f} / {'-' if cpu is None else f'{cpu:.0f}'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,8 +233,12 @@ def main() -> None:
                                 ("--recal", int, 0), ("--seed", int, 0), ("--C", float, 0.1)):
         r.add_argument(name, type=kind, default=default)
     r.add_argument("--chunked", action="store_true")
+    sub.add_parser("table").add_argument("work", type=Path)
     a = ap.parse_args()
-    cache(a.work, a.train, a.test) if a.cmd == "cache" else run(a)
+    if a.cmd == "table":
+        table(a.work)
+    else:
+        cache(a.work, a.train, a.test) if a.cmd == "cache" else run(a)
 
 
 if __name__ == "__main__":
