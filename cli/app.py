@@ -755,7 +755,7 @@ def export_cmd(head_dir, out, fmt, backbone_name) -> None:
               help="small: the softmax starts as the frozen logreg head, BatchNorm frozen, "
                    "peak learning rate 1e-4, 5+ epochs; large: a fresh softmax, BatchNorm "
                    "trained, 1e-3, 3 epochs (0.941 on Fashion-MNIST 60k); auto: large from "
-                   "2000 training images on.")
+                   "2000 training rows on (about 2800 images with the default split).")
 @click.option("--epochs", type=click.IntRange(1), metavar="INTEGER",
               help="Most epochs [default: the recipe's: 5 small, 3 large, more when that is "
                    "under 30 / 150 training steps].")
