@@ -4,6 +4,7 @@
     python bench/finetune_lab.py run WORK --n 5000 [--offset 0] [--head fresh|folded|rawlr]
         [--bn train|frozen|affine] [--lr 1e-3] [--epochs 3] [--wd 1e-4] [--recal ROWS]
         [--chunked] [--seed 0] [--ntest 2000]
+    python bench/finetune_lab.py table WORK   (WORK/results.jsonl as a markdown table)
 
 `cache` runs the frozen bottom (blocks 0-13) once over random Fashion-MNIST
 train/test subsets (seed 0) and keeps block-14 inputs (float16) and frozen
@@ -11,7 +12,8 @@ embeddings as .npy. `run` trains the top (blocks 14-18) plus a softmax layer
 on rows [offset, offset+n) exactly as a variant says, 10% of them held out,
 and appends one JSON line to WORK/results.jsonl: frozen logreg (C=0.1) test
 accuracy, the tuned result (logreg retrained on the tuned embeddings, as
-`finetune` delivers it), the jointly trained softmax, hold-out history, and
+`finetune` delivers it), the jointly trained softmax, hold-out accuracy from
+epoch 0 (before any update; frozen_hold: a logreg fit on the other rows), and
 the per-image correctness in WORK/runs/ID.npz. No early stopping, no guard.
 
 Variants: head "folded" = logreg with its scaler folded in (the old init),
@@ -151,6 +153,7 @@ def run(a) -> None:
     frozen = LogRegHead(C=a.C).fit(E, y)
     hold = np.random.default_rng(a.seed + 1).random(a.n) < 0.1
     fit_idx, hold_idx = np.flatnonzero(~hold), np.flatnonzero(hold)
+    frozen_fit = LogRegHead(C=a.C).fit(E[fit_idx], y[fit_idx])  # the guard's reference
     keras.utils.set_random_seed(a.seed)
     top = _top(a.bn)
     inputs = keras.Input(top.input.shape[1:])
@@ -160,12 +163,13 @@ def run(a) -> None:
     model.compile(keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(
         a.lr / 10, steps - warm, warmup_target=a.lr, warmup_steps=warm), weight_decay=a.wd),
         keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
-    start = time.perf_counter()
+    hold0 = model.evaluate(_dataset(X, y, hold_idx, False, a), verbose=0, return_dict=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
     hist = model.fit(_dataset(X, y, fit_idx, True, a), epochs=a.epochs, verbose=0,
                      validation_data=_dataset(X, y, hold_idx, False, a))
     if a.recal:
         _recalibrate_batchnorm(top, _dataset(X, y, fit_idx, True, a), a.recal)
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
     def apply(m, A):
         run_m = tf.function(lambda x: m(x, training=False), autograph=False)
@@ -181,11 +185,35 @@ def run(a) -> None:
               "frozen": round(float(right["frozen"].mean()), 4),
               "tuned_logreg": round(float(right["tuned"].mean()), 4),
               "tuned_softmax": round(float((apply(model, Xt).argmax(1) == yt).mean()), 4),
-              "hold_acc": [round(v, 4) for v in hist.history["val_accuracy"]],
-              "train_s": round(train_s, 1)}
+              "frozen_hold": round(float((frozen_fit.predict(E[hold_idx]) == y[hold_idx]).mean()), 4),
+              "hold_acc": [round(float(hold0["accuracy"]), 4)]
+              + [round(v, 4) for v in hist.history["val_accuracy"]],
+              "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1)}
     print(json.dumps(result))
     with open(w / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
+
+
+BATCHNORM = {"frozen": "frozen (inference mode)", "train": "trained"}
+
+
+def table(work: Path) -> None:
+    """Print every run of WORK/results.jsonl as one markdown row."""
+    print("| train images (offset) | softmax starts | BatchNorm | peak lr | epochs | frozen test "
+          "acc | tuned test acc | gain | hold-out acc by epoch (0 = before any update; frozen "
+          "head on the hold-out) | train s wall / CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        start = {"folded": "frozen logreg head", "fresh": "fresh", "rawlr": "raw logreg"}
+        hold = [f"{h:.2f}" for h in r.get("hold_acc", [])]
+        shown = ", ".join(hold if len(hold) <= 11 else hold[:6] + ["..."] + hold[-3:])
+        cpu = r.get("train_cpu_s")
+        print(f"| {r['n']} (#{r['offset']}) | {start.get(r['head'], r['head'])} | "
+              f"{BATCHNORM.get(r['bn'], r['bn'])}{', recalibrated' if r.get('recal') else ''} | "
+              f"{r['lr']:g} | {r['epochs']} | {r['frozen']:.4f} | {r['tuned_logreg']:.4f} | "
+              f"{r['tuned_logreg'] - r['frozen']:+.4f} | {shown} ({r.get('frozen_hold', '')}) | "
+              f"{r['train_s']:.0f} / {'-' if cpu is None else f'{cpu:.0f}'} |")
 
 
 def main() -> None:
@@ -205,8 +233,12 @@ def main() -> None:
                                 ("--recal", int, 0), ("--seed", int, 0), ("--C", float, 0.1)):
         r.add_argument(name, type=kind, default=default)
     r.add_argument("--chunked", action="store_true")
+    sub.add_parser("table").add_argument("work", type=Path)
     a = ap.parse_args()
-    cache(a.work, a.train, a.test) if a.cmd == "cache" else run(a)
+    if a.cmd == "table":
+        table(a.work)
+    else:
+        cache(a.work, a.train, a.test) if a.cmd == "cache" else run(a)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 from embedstore.backbones import Backbone
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store
 from embedstore.engines import ExtractionJob, JobState, get_engine
+from embedstore.lazy_backbone import recorded_lazily
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 from embedstore.sources import scan
 from embedstore.store import layout, open_writer, stored_backbone
@@ -67,10 +68,12 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     run = get_engine(engine, engine_options)  # fails fast, e.g. Ray not installed
     started = time.monotonic()
     source = scan(images, follow_links)
-    if isinstance(backbone, str):
-        backbone = load_for_store(backbone, runtime, Preparation(
-            str(store), _recorded_backbone(Path(store)), layout(store).int8,
-            [r.path for r in source.images], str(source.root), max_pixels), say=status)
+    if isinstance(backbone, str):  # the model loads at the first new image, if any
+        backbone = (engine == "local" and recorded_lazily(store, backbone, runtime, status)
+                    or load_for_store(backbone, runtime, Preparation(
+                        str(store), _recorded_backbone(Path(store)), layout(store).int8,
+                        [r.path for r in source.images], str(source.root), max_pixels),
+                        say=status))
     refs = source.images
     startup = time.monotonic() - started
     state = JobState(total=len(refs))

@@ -7,16 +7,25 @@ head type retrained on the rebuilt store. The original store and head are
 only read. With block 0 the whole network trains from pixels instead
 (streamed, augmented), and the rebuild re-reads the images.
 
-Choices (measured on Fashion-MNIST, BENCHMARKS.md): the top trains with
-BatchNorm in training mode (batch statistics; the ImageNet statistics do not
-fit another domain, and freezing them cost 1.6-1.9 points at 5k images), its
-moving averages recomputed exactly after training; a fresh softmax layer
-(a logreg head with its scaler folded in leans on near-dead features whose
-weights blow up under training); AdamW to a peak of 1e-3 with warm-up and
-cosine decay, label smoothing 0.1, horizontal flips of the cached maps: the
-recipe that reached 0.941 on Fashion-MNIST from block 14 (issue 13). The
-tuned weights are adopted only if the retrained head is significantly better
-on a hold-out of the training rows; otherwise the original weights are kept.
+Before anything runs, the guard's hold-out is sized up: the sign test needs 5
+wins with no loss, so a hold-out on which the frozen head misses fewer than 5
+images can never adopt tuned weights, and the run stops there (the original
+weights written) unless forced.
+
+Two recipes, chosen by the number of training rows (measured on Fashion-MNIST,
+BENCHMARKS.md "Fine-tuning by set size"). Small sets (under LARGE_FROM rows):
+the tutorials' recipe, the softmax starting as the frozen logreg head (so
+epoch 0 scores what the frozen head scores), BatchNorm frozen in inference
+mode, a peak learning rate of 1e-4, a few epochs. Large sets: issue 13's
+recipe, 0.9407 on Fashion-MNIST 60k from block 14: BatchNorm trained with
+batch statistics (ImageNet's do not fit another domain) and its moving
+averages recomputed exactly after training, a fresh softmax layer (a folded
+logreg head collapsed at this learning rate), AdamW to a peak of 1e-3 with
+warm-up and cosine decay, 3 epochs. Both: label smoothing 0.1, horizontal
+flips of the cached maps, and the best epoch on the hold-out kept, epoch 0
+(no update) included. The tuned weights are adopted only if the retrained
+head is significantly better on the hold-out; otherwise the original weights
+are kept and OUT_DIR's store and head name the original backbone.
 """
 
 from __future__ import annotations
@@ -41,16 +50,13 @@ from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.backbones.split import entry_layer_name, split_at
 from embedstore.extract import backbone_meta
 from embedstore.headdir import MANIFEST, HeadManifest, load_head, load_head_backbone, read_manifest
-from embedstore.heads import make_head
+from embedstore.heads import LogRegHead, make_head
 from embedstore.pipeline import Resizer, batched, stream
 from embedstore.splits import validation_mask
-from embedstore.store import StoreWriter, open_store
+from embedstore.store import open_store, open_writer
 from embedstore.train import train
 
 DEFAULT_BLOCK = 14
-DEFAULT_LEARNING_RATE = 1e-3
-DEFAULT_EPOCHS = 3  # the issue's anchor: 3 epochs of 60k images
-MIN_STEPS = 150  # unless --epochs is given, small sets get more epochs to reach this
 CHUNK_IMAGES = 256
 SHUFFLE_ROWS = 2048  # rows in the shuffle buffer: bounds training memory
 HOLDOUT_FRACTION = 0.1
@@ -98,76 +104,119 @@ def _log_default(message: str) -> None:
 
 def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | None = None,
              unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int | None = None,
-             learning_rate: float = DEFAULT_LEARNING_RATE, batch_size: int = 64,
-             augment: str = "flip", patience: int = 2, cache_dir: str | Path | None = None,
-             log: Callable[[str], None] = _log_default,
-             backbone_name: str | None = None, guard: bool = True) -> dict:
+             learning_rate: float | None = None, batch_size: int = 64,
+             augment: str = "flip", patience: int | None = None,
+             cache_dir: str | Path | None = None, log: Callable[[str], None] = _log_default,
+             backbone_name: str | None = None, guard: bool = True, force: bool = False,
+             recipe: str = "auto") -> dict:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report.
 
     backbone_name: the head's backbone as the user names it (required for a
-    hub: SavedModel, see backbones.reference). epochs=None: see _auto_epochs.
-    guard=False adopts the tuned weights even when the hold-out does not show
-    them better.
+    hub: SavedModel, see backbones.reference). recipe: "auto" (by the number
+    of training rows, see choose_recipe), "small" or "large"; learning_rate,
+    epochs and patience None take the recipe's. guard=False adopts the tuned
+    weights even when the hold-out does not show them better. When the
+    hold-out is too small for the guard ever to adopt, nothing is trained and
+    OUT_DIR gets the original weights, unless force (or guard=False).
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
     store, out = manifest.store, Path(out_dir)
-    rows, backbone = _checked_inputs(manifest, head_dir, out, backbone_name)
+    rows, store_backbone = _checked_inputs(manifest, head_dir, out)
     train_rows, val_rows = _split(rows, manifest.val_fraction, manifest.seed)
     head = load_head(head_dir)
     before = _scores(head, store, val_rows, rows)
+    fit_rows, hold_rows = _holdout(rows, train_rows, manifest.seed)
+    chosen = choose_recipe(len(fit_rows), recipe)
+    reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
+    log(_plan_message(reference, chosen, guard))
+    common = {"head_dir": str(Path(head_dir).resolve()), "store": store,
+              "out_dir": str(out.resolve()), "head": manifest.head, "recipe": chosen.name,
+              "n_fit": len(fit_rows), "n_holdout": len(hold_rows), "n_val": int(len(val_rows)),
+              "before": before, "dropped_augmented_views": rows.dropped_views}
+    if guard and not force and not reference.can_adopt:
+        log("stopping before training: OUT_DIR gets the original weights (--force trains "
+            "anyway, --no-guard adopts the tuned weights unjudged)")
+        shutil.rmtree(out / "backbone", ignore_errors=True)  # an earlier run's, if any
+        with _stage(timings, "head"):
+            after = _write_original(manifest, out, rows, store_backbone, [])
+        report = {**common, "stopped_before_training": True, "kept_original_weights": True,
+                  "guard": {"enabled": guard, **reference.plan()}, "epochs_run": 0,
+                  "after": after, "backbone": {"before": store_backbone["fingerprint"],
+                                               "after": store_backbone["fingerprint"],
+                                               "path": None},
+                  "left_out": [], "cache": None, "timings": timings}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    backbone = _load_head_backbone(manifest, head_dir, backbone_name)
     with _stage(timings, "cache"):
         source = _training_source(backbone, unfreeze_from, rows, images, store, cache_dir, log)
     skipped = {p["sha256"] for p in source.problems}
-    train_rows = np.array([r for r in train_rows if rows.sha256[r] not in skipped], np.int64)
+    if skipped:  # files gone or changed since extraction: out of training and of the guard
+        fit_rows, hold_rows = (np.array([r for r in idx if rows.sha256[r] not in skipped],
+                                        np.int64) for idx in (fit_rows, hold_rows))
+        reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     original_weights = backbone.model.get_weights()
     with _stage(timings, "train"):
-        training = _train_top(source, rows, train_rows, np.asarray(head.classes_),
-                              manifest.seed, epochs, learning_rate, batch_size, augment,
-                              patience, log)
+        training = _train_top(source, rows, fit_rows, hold_rows, np.asarray(head.classes_),
+                              manifest.seed, chosen, epochs, learning_rate, batch_size, augment,
+                              patience, reference, log)
     peak_rss_mb = _peak_rss_mb()  # the process's peak so far: caching and training
     with _stage(timings, "save"):
         tuned = _save_backbone(backbone, out / "backbone")
     new_store = out / "store.h5"
     with _stage(timings, "rebuild"):
-        _rebuild_store(new_store, tuned, rows, source.embeddings(tuned, rows, unfreeze_from),
-                       source.problems)
+        _rebuild_store(new_store, backbone_meta(tuned), rows,
+                       source.embeddings(tuned, rows, unfreeze_from), source.problems)
     with _stage(timings, "guard"):
-        verdict = _holdout_verdict(manifest, store, new_store, rows, training.fit_rows,
-                                   training.hold_rows)
+        verdict = _holdout_verdict(manifest, reference, new_store, rows, fit_rows, hold_rows)
         adopted = verdict["tuned_significantly_better"] or not guard
         if not adopted:
             log(_kept_message(verdict))
+            # OUT_DIR/backbone stays for convenience; the store and head name the original
             backbone.model.set_weights(original_weights)
-            tuned = _save_backbone(backbone, out / "backbone", kept_original=True)
-            _rebuild_store(new_store, tuned, rows,
-                           _stored_embeddings(store, rows, source.problems), source.problems)
+            _save_backbone(backbone, out / "backbone", kept_original=True)
     with _stage(timings, "head"):
-        # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
-        after = train(new_store, out / "head", head=manifest.head,
-                      val_fraction=manifest.val_fraction, seed=manifest.seed, overwrite=True,
-                      **manifest.params)
+        after = (_retrain(manifest, new_store, out) if adopted else
+                 _write_original(manifest, out, rows, store_backbone, source.problems))
 
     history = training.history
     report = {
-        "head_dir": str(Path(head_dir).resolve()), "store": store, "out_dir": str(out.resolve()),
-        "block": source.block, "epochs": training.epochs, "epochs_run": len(history.epoch),
-        "kept_original_weights": not adopted, "guard": {"enabled": guard, **verdict},
+        **common, "stopped_before_training": False, "block": source.block,
+        "recipe_settings": training.settings, "epochs": training.epochs,
+        "epochs_run": len(history.epoch), "kept_original_weights": not adopted,
+        "guard": {"enabled": guard, **reference.plan(), **verdict},
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
-        "head": manifest.head, "n_fit": len(training.fit_rows),
-        "n_holdout": len(training.hold_rows), "n_val": int(len(val_rows)),
-        "before": before,
-        "after": {"val_accuracy": after.get("val_accuracy"),
-                  "val_macro_f1": after.get("val_macro_f1")},
-        "backbone": {"before": backbone.fingerprint, "after": tuned.fingerprint,
+        "start": training.start, "after": after,
+        "backbone": {"before": backbone.fingerprint,
+                     "after": tuned.fingerprint if adopted else store_backbone["fingerprint"],
                      "path": str((out / "backbone").resolve())},
-        "left_out": source.problems, "dropped_augmented_views": rows.dropped_views,
+        "left_out": source.problems,
         "cache": None if source.cache is None else {"dir": str(source.cache.dir),
                                                     "bytes": source.cache.nbytes()},
         "timings": timings, "peak_rss_mb_through_training": peak_rss_mb,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
+    """OUT_DIR/head: the head's type and parameters trained on STORE, its scores."""
+    # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
+    metrics = train(store, out / "head", head=manifest.head, val_fraction=manifest.val_fraction,
+                    seed=manifest.seed, overwrite=True, **manifest.params)
+    return {"val_accuracy": metrics.get("val_accuracy"),
+            "val_macro_f1": metrics.get("val_macro_f1")}
+
+
+def _write_original(manifest: HeadManifest, out: Path, rows: Rows, store_backbone: dict,
+                    problems: list) -> dict:
+    """OUT_DIR/store.h5 and head with the original backbone: its name, fingerprint, vectors."""
+    new_store = out / "store.h5"
+    _rebuild_store(new_store, store_backbone, rows,
+                   _stored_embeddings(manifest.store, rows, problems), problems)
+    return _retrain(manifest, new_store, out)
 
 
 @contextmanager
@@ -180,9 +229,8 @@ def _stage(timings: dict, name: str) -> Iterator[None]:
 
 # --- inputs --------------------------------------------------------------------------
 
-def _checked_inputs(manifest: HeadManifest, head_dir, out: Path,
-                    backbone_name: str | None) -> tuple[Rows, Backbone]:
-    """The store's rows and the head's backbone, once every input is known to fit."""
+def _checked_inputs(manifest: HeadManifest, head_dir, out: Path) -> tuple[Rows, dict]:
+    """The store's rows and backbone record, once every input is known to fit."""
     _check_out_dir(out, head_dir, manifest.store)
     if manifest.backbone.name.startswith("hub:"):
         raise FinetuneError(f"the head in {head_dir} uses {manifest.backbone.name}: a "
@@ -192,7 +240,7 @@ def _checked_inputs(manifest: HeadManifest, head_dir, out: Path,
     check_same_backbone(manifest.backbone, BackboneRef.from_dict(store_backbone, manifest.store),
                         str(Path(head_dir) / MANIFEST), manifest.store,
                         advice="retrain the head on this store first")
-    return rows, _load_head_backbone(manifest, head_dir, backbone_name)
+    return rows, dict(store_backbone)
 
 
 def _check_out_dir(out: Path, head_dir, store: str) -> None:
@@ -403,70 +451,87 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _training_model(top, n_classes: int, from_pixels: bool, augment: str):
-    """top (every layer trainable) -> a fresh softmax layer.
+def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe: "Recipe",
+                    start: tuple[np.ndarray, np.ndarray] | None):
+    """top -> a softmax layer, trainable as the recipe says.
 
-    BatchNorm trains too, normalising with batch statistics: the ImageNet moving
-    averages do not fit another domain (frozen, they cost 1.6 points at 5k Fashion-MNIST
-    images). The head starts fresh: a logreg head with its scaler folded in puts weights
-    of up to 8 on near-dead features (std 0.01) that training changes first, and at the
-    learning rate the recipe needs it collapsed (0.56 test accuracy at 2k images).
+    recipe.batchnorm "train": BatchNorm normalises with batch statistics (the ImageNet
+    moving averages do not fit another domain: frozen, they cost 1.6 points at 5k
+    Fashion-MNIST images). "inference": BatchNorm keeps ImageNet's statistics and
+    scale, so the first updates change the features little (at 157 natural images
+    training them sank hold-out accuracy from 0.96 to 0.48-0.67). start: (W, b) of
+    the softmax layer, else it starts fresh.
     """
     import keras
 
     top.trainable = True  # Keras propagates this to every sub-layer
+    for layer in _all_layers(top):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = recipe.batchnorm == "train"  # not trainable: inference mode
     inputs = keras.Input(top.input.shape[1:])
     x = inputs
     if from_pixels and augment != "none":
         x = keras.layers.RandomFlip("horizontal")(x)
         x = keras.layers.RandomRotation(0.05, fill_mode="reflect")(x)
         x = keras.layers.RandomZoom(0.1, fill_mode="reflect")(x)
-    probs = keras.layers.Dense(n_classes, activation="softmax", name="head")(top(x))
-    return keras.Model(inputs, probs)
+    softmax = keras.layers.Dense(n_classes, activation="softmax", name="head")
+    model = keras.Model(inputs, softmax(top(x)))
+    if start is not None:
+        softmax.set_weights(list(start))
+    return model
 
 
 @dataclass
 class _Training:
-    """What training leaves: Keras's history, the epochs planned, the rows fit and held out."""
+    """What training leaves: Keras's history, the epochs planned, the settings, the start."""
 
     history: Any  # keras History
     epochs: int
-    fit_rows: np.ndarray
-    hold_rows: np.ndarray
+    settings: dict
+    start: dict  # the hold-out loss and accuracy before any update
 
 
-def _train_top(source: _Source, rows: Rows, train_rows: np.ndarray, classes: np.ndarray,
-               seed: int, epochs: int | None, learning_rate: float, batch_size: int,
-               augment: str, patience: int, log) -> _Training:
-    """Train source.top plus a fresh softmax, then recalibrate its BatchNorm."""
+def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.ndarray,
+               classes: np.ndarray, seed: int, recipe: "Recipe", epochs: int | None,
+               learning_rate: float | None, batch_size: int, augment: str,
+               patience: int | None, reference: "_Reference", log) -> _Training:
+    """Train source.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
+    if it trained); the weights left are the best on the hold-out, the start included."""
     import keras
 
     # before the model and the datasets exist: their initialisers and shuffle seeds are
     # drawn from the global seed when they are built, not when training starts
     keras.utils.set_random_seed(seed)
-    model = _training_model(source.top, len(classes), source.cache is None, augment)
-    fit_rows, hold_rows = _holdout(rows, train_rows, seed)
+    start = reference.softmax_start(classes) if recipe.start == "head" else None
+    model = _training_model(source.top, len(classes), source.cache is None, augment, recipe,
+                            start)
 
     def make(idx: np.ndarray, shuffle: bool):
         return source.dataset(rows, idx, classes, batch_size, augment, shuffle)
 
     per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
-    if epochs is None:
-        epochs, patience = _auto_epochs(per_epoch, patience, log)
-    history = _fit(model, make(fit_rows, True), make(hold_rows, False), per_epoch * epochs,
-                   learning_rate, epochs, patience, seed, log)
-    _recalibrate_batchnorm(source.top, make(fit_rows, True))
-    return _Training(history, epochs, fit_rows, hold_rows)
+    settings = recipe.settings(per_epoch, epochs, learning_rate, patience)
+    log(f"recipe {recipe.name}: {settings['epochs']} epochs of {per_epoch} steps at most, "
+        f"patience {settings['patience']}, peak learning rate {settings['learning_rate']:g}, "
+        f"BatchNorm {'trained' if recipe.batchnorm == 'train' else 'frozen (inference mode)'}, "
+        f"softmax starting {'from the frozen logreg head' if start else 'fresh'}")
+    history, first = _fit(model, make(fit_rows, True), make(hold_rows, False), per_epoch,
+                          settings, seed, reference, len(hold_rows), log)
+    if recipe.batchnorm == "train":
+        _recalibrate_batchnorm(source.top, make(fit_rows, True))
+    return _Training(history, settings["epochs"], settings, first)
 
 
-def _fit(model, train_ds, holdout_ds, steps: int, learning_rate: float, epochs: int,
-         patience: int, seed: int, log):
-    """AdamW, warm-up + cosine decay, label smoothing; early stopping on the hold-out."""
+def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: dict, seed: int,
+         reference: "_Reference", n_hold: int, log):
+    """AdamW, warm-up + cosine decay, label smoothing; the best epoch on the hold-out kept."""
     import keras
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     log(f"training on {'GPU ' + gpus[0].name if gpus else 'CPU'}")
+    epochs, learning_rate = settings["epochs"], settings["learning_rate"]
+    steps = per_epoch * epochs
     warmup = steps // 10  # a tiny run (under 10 steps) starts at the peak: no step is wasted
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate / 10 if warmup else learning_rate, max(1, steps - warmup),
@@ -474,13 +539,78 @@ def _fit(model, train_ds, holdout_ds, steps: int, learning_rate: float, epochs: 
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
                   metrics=["accuracy"])
-    keras.utils.set_random_seed(seed)
+    epoch_log = _EpochLog(epochs, n_hold, reference.accuracy, log)
     with warnings.catch_warnings():  # a tf.data of unknown length: Keras warns every epoch
         warnings.simplefilter("ignore", UserWarning)
-        return model.fit(train_ds, validation_data=holdout_ds, epochs=epochs, verbose=0,
-                         callbacks=[keras.callbacks.EarlyStopping(
-                             "val_loss", patience=patience, restore_best_weights=True),
-                             _EpochLog(epochs, log)])
+        first = (model.evaluate(holdout_ds, verbose=0, return_dict=True) if n_hold
+                 else {"loss": math.inf, "accuracy": math.nan})
+        epoch_log.line(0, None, first)
+        keras.utils.set_random_seed(seed)
+        history = model.fit(train_ds, validation_data=holdout_ds if n_hold else None,
+                            epochs=epochs, verbose=0,
+                            callbacks=[_KeepBest(first["loss"], settings["patience"]),
+                                       epoch_log])
+    return history, {k: round(float(v), 5) for k, v in first.items()}
+
+
+class _KeepBest:
+    """Keras callback: stop after `patience` epochs without a lower hold-out loss and
+    leave the weights of the best epoch, epoch 0 (no update) included: a run whose
+    every epoch is worse on the hold-out ends where it started."""
+
+    def __new__(cls, start_loss: float, patience: int):
+        import keras
+
+        class KeepBest(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.best, self.wait = start_loss, 0
+                self.best_weights = self.model.get_weights()
+
+            def on_epoch_end(self, epoch, logs=None):
+                loss = (logs or {}).get("val_loss")
+                if loss is None:  # no hold-out: the last epoch stands
+                    self.best_weights = None
+                    return
+                if loss < self.best:
+                    self.best, self.wait = loss, 0
+                    self.best_weights = self.model.get_weights()
+                    return
+                self.wait += 1
+                if self.wait >= patience:
+                    self.model.stop_training = True
+
+            def on_train_end(self, logs=None):
+                if self.best_weights is not None:
+                    self.model.set_weights(self.best_weights)
+
+        return KeepBest()
+
+
+class _EpochLog:
+    """Keras callback: one stderr line per epoch, the frozen head's figure beside it."""
+
+    def __new__(cls, epochs: int, n_hold: int, frozen: float, log):
+        import keras
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                self.line(epoch + 1, logs.get("loss"),
+                          {"loss": logs.get("val_loss"), "accuracy": logs.get("val_accuracy")},
+                          time.perf_counter() - self.started)
+
+            def line(self, epoch, train_loss, hold, seconds=None):
+                head = (f"epoch {epoch}/{epochs}: training loss {train_loss:.4f}; "
+                        if epoch else f"epoch 0/{epochs} (before any update): ")
+                if n_hold:
+                    head += (f"hold-out ({n_hold} images) loss {hold['loss']:.4f}, accuracy "
+                             f"{hold['accuracy']:.4f} (frozen head {frozen:.4f})")
+                log(head + (f"  {seconds:.1f} s" if seconds is not None else ""))
+
+        return EpochLog()
 
 
 def _recalibrate_batchnorm(model, dataset, max_rows: int = RECALIBRATION_ROWS) -> None:
@@ -506,18 +636,50 @@ def _recalibrate_batchnorm(model, dataset, max_rows: int = RECALIBRATION_ROWS) -
         layer.momentum = momentum
 
 
-def _auto_epochs(steps_per_epoch: int, patience: int, log) -> tuple[int, int]:
-    """3 epochs, or as many as reach MIN_STEPS updates (patience scaled alike).
+# --- recipes -------------------------------------------------------------------------
 
-    3 epochs of a small set are a few dozen steps: on 900 Fashion-MNIST images 3 epochs
-    (45 steps) gained 1.6 points over frozen, 10 (150 steps) 4.5, 20 (300 steps) 3.2.
-    """
-    epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
-    if epochs > DEFAULT_EPOCHS:
-        patience = max(patience, round(patience * epochs / DEFAULT_EPOCHS))
-        log(f"a small set: {epochs} epochs of {steps_per_epoch} steps (at least {MIN_STEPS} "
-            f"steps), patience {patience}")
-    return epochs, patience
+@dataclass(frozen=True)
+class Recipe:
+    """How the top trains; chosen by the number of training rows (BENCHMARKS.md)."""
+
+    name: str
+    learning_rate: float  # peak of warm-up + cosine decay
+    batchnorm: str  # "train": batch statistics, recalibrated after; "inference": frozen
+    start: str  # "head": the softmax starts as the frozen logreg head; "fresh": random
+    epochs: int  # at least
+    min_steps: int  # unless epochs are given: more epochs until this many updates
+    patience: int
+    scale_patience: bool  # patience grows with the epochs added for min_steps
+
+    def settings(self, steps_per_epoch: int, epochs: int | None, learning_rate: float | None,
+                 patience: int | None) -> dict:
+        auto = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
+        grown = (round(self.patience * auto / self.epochs)
+                 if self.scale_patience and epochs is None else 0)
+        return {"epochs": epochs or auto,
+                "learning_rate": learning_rate or self.learning_rate,
+                "patience": patience or max(self.patience, grown),
+                "batchnorm": self.batchnorm, "start": self.start}
+
+
+# issue 13's recipe, 0.9407 on Fashion-MNIST 60k: unchanged from LARGE_FROM rows on
+LARGE = Recipe("large", 1e-3, "train", "fresh", epochs=3, min_steps=150, patience=2,
+               scale_patience=True)
+# the tutorials' recipe for few images: start at the trained head, BatchNorm frozen,
+# a learning rate ten times lower, a few epochs
+SMALL = Recipe("small", 1e-4, "inference", "head", epochs=5, min_steps=30, patience=2,
+               scale_patience=False)
+RECIPES = {"small": SMALL, "large": LARGE}
+LARGE_FROM = 2000  # training rows (after the hold-out)
+
+
+def choose_recipe(n_fit: int, name: str = "auto") -> Recipe:
+    """SMALL below LARGE_FROM training rows, else LARGE; or the one named."""
+    if name == "auto":
+        return LARGE if n_fit >= LARGE_FROM else SMALL
+    if name not in RECIPES:
+        raise FinetuneError(f"unknown recipe {name!r}; choose auto, small or large")
+    return RECIPES[name]
 
 
 def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -525,26 +687,6 @@ def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray,
     is_hold = validation_mask(rows.sha256[train_rows], rows.labels[train_rows],
                               HOLDOUT_FRACTION, seed + 1)
     return train_rows[~is_hold], train_rows[is_hold]
-
-
-class _EpochLog:
-    """Keras callback: one stderr line per epoch (loss, hold-out accuracy, time)."""
-
-    def __new__(cls, epochs: int, log):
-        import keras
-
-        class EpochLog(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                log(f"epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}  "
-                    f"hold-out loss {logs.get('val_loss', float('nan')):.4f}  hold-out accuracy "
-                    f"{logs.get('val_accuracy', float('nan')):.4f}  "
-                    f"{time.perf_counter() - self.started:.1f} s")
-
-        return EpochLog()
 
 
 # --- outputs -------------------------------------------------------------------------
@@ -590,8 +732,9 @@ def _embed_images(backbone: Backbone, root: Path, rows: Rows, problems: list):
         yield [s for s, _ in batch], backbone.embed(resizer.batch([img for _, img in batch]))
 
 
-def _rebuild_store(path: Path, backbone: Backbone, rows: Rows, embeddings, problems) -> None:
-    """OUT_DIR/store.h5: the original rows (view 0) with the tuned embeddings."""
+def _rebuild_store(path: Path, backbone: dict, rows: Rows, embeddings, problems) -> None:
+    """OUT_DIR/store.h5: the original rows (view 0) with these embeddings, made by the
+    backbone this record (extract.backbone_meta) describes."""
     for stale in (path, Path(f"{path}.parts")):  # an earlier run's output, never the original
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(
             missing_ok=True)
@@ -600,7 +743,7 @@ def _rebuild_store(path: Path, backbone: Backbone, rows: Rows, embeddings, probl
         by_sha.setdefault(s, []).append(r)
     names = lambda idx: [rows.classes[rows.labels[r]] if rows.labels[r] >= 0 else ""  # noqa
                          for r in idx]
-    with StoreWriter(path, backbone_meta(backbone)) as writer:
+    with open_writer(path, backbone) as writer:
         for sha, vectors in embeddings:
             idx = [r for s in sha for r in by_sha[s]]
             rep = [i for i, s in enumerate(sha) for _ in by_sha[s]]
@@ -614,7 +757,77 @@ def _rebuild_store(path: Path, backbone: Backbone, rows: Rows, embeddings, probl
 
 # --- the guard ---------------------------------------------------------------------------
 
-def _holdout_verdict(manifest: HeadManifest, original: str, rebuilt: Path, rows: Rows,
+@dataclass
+class _Reference:
+    """The frozen head as the guard sees it: HEAD_DIR's type and parameters fit on the
+    stored vectors of the fit rows, right or wrong on each hold-out row."""
+
+    head: Any
+    right: np.ndarray
+    store: str
+    fit_X: np.ndarray
+    fit_y: np.ndarray
+
+    @classmethod
+    def fit(cls, manifest: HeadManifest, store: str, rows: Rows, fit_rows: np.ndarray,
+            hold_rows: np.ndarray) -> "_Reference":
+        X, y = _embeddings_of(store, rows, fit_rows), rows.labels[fit_rows]
+        head = make_head(manifest.head, **manifest.params).fit(X, y)
+        right = (head.predict(_embeddings_of(store, rows, hold_rows)) == rows.labels[hold_rows]
+                 if len(hold_rows) else np.zeros(0, bool))
+        return cls(head, right, store, X, y)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.right.mean()) if len(self.right) else math.nan
+
+    @property
+    def can_adopt(self) -> bool:
+        """Could the sign test ever be significant: do enough hold-out rows stay to win?"""
+        return int((~self.right).sum()) >= MIN_WINS
+
+    def plan(self) -> dict:
+        n = len(self.right)
+        return {"n_holdout": n, "frozen_holdout_errors": int((~self.right).sum()),
+                "min_wins_to_adopt": MIN_WINS,
+                "smallest_detectable_gain": round(MIN_WINS / n, 5) if n else None,
+                "can_adopt": self.can_adopt}
+
+    def softmax_start(self, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) of a softmax over `classes` equal to a logreg head on the frozen vectors:
+        the reference itself when it is one, else one fit on the same rows."""
+        logreg = self.head if isinstance(self.head, LogRegHead) else LogRegHead().fit(
+            self.fit_X, self.fit_y)
+        W, b = logreg.folded_linear()
+        cols = np.searchsorted(classes, logreg.classes_)
+        full_W = np.zeros((W.shape[0], len(classes)), np.float32)
+        full_b = np.full(len(classes), -30.0, np.float32)  # a class the fit rows lack
+        full_W[:, cols], full_b[cols] = W, b
+        return full_W, full_b
+
+
+def _smallest_significant_wins(alpha: float = ADOPT_P_VALUE) -> int:
+    """The fewest hold-out wins (with no loss) the sign test calls significant: 5 at 0.05."""
+    wins = 1
+    while sign_test_p(wins, 0) >= alpha:
+        wins += 1
+    return wins
+
+
+def _plan_message(reference: _Reference, recipe: Recipe, guard: bool) -> str:
+    n, errors = len(reference.right), int((~reference.right).sum())
+    said = (f"the guard will judge on {n} hold-out images (of the training split); the frozen "
+            f"head, fit on the other {len(reference.fit_y)}, gets {n - errors} right "
+            f"(accuracy {reference.accuracy:.3f}). Adopting tuned weights needs at least "
+            f"{MIN_WINS} more right than it (none lost, p < {ADOPT_P_VALUE}), ")
+    said += (f"a gain of {MIN_WINS / n:.1%} or more on the hold-out" if reference.can_adopt
+             else f"but it misses only {errors}: no gain can be shown on this set")
+    if not guard:
+        said += "; --no-guard: the tuned weights are adopted whatever it says"
+    return said + f" (recipe: {recipe.name})"
+
+
+def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path, rows: Rows,
                      fit_rows: np.ndarray, hold_rows: np.ndarray) -> dict:
     """Is the head retrained on the tuned embeddings better? Judged on the hold-out only.
 
@@ -624,13 +837,11 @@ def _holdout_verdict(manifest: HeadManifest, original: str, rebuilt: Path, rows:
     on a few hundred images tuning changed about 10% of the predictions either way, and
     a gain of a point or two there is noise.
     """
-    y_fit, y_hold = rows.labels[fit_rows], rows.labels[hold_rows]
-    right = {}
-    for name, path in (("original", original), ("tuned", rebuilt)):
-        head = make_head(manifest.head, **manifest.params)
-        head.fit(_embeddings_of(path, rows, fit_rows), y_fit)
-        right[name] = (head.predict(_embeddings_of(path, rows, hold_rows)) == y_hold
-                       if len(hold_rows) else np.zeros(0, bool))
+    head = make_head(manifest.head, **manifest.params)
+    head.fit(_embeddings_of(rebuilt, rows, fit_rows), rows.labels[fit_rows])
+    right = {"original": reference.right,
+             "tuned": (head.predict(_embeddings_of(rebuilt, rows, hold_rows))
+                       == rows.labels[hold_rows] if len(hold_rows) else np.zeros(0, bool))}
     wins = int(np.sum(right["tuned"] & ~right["original"]))
     losses = int(np.sum(right["original"] & ~right["tuned"]))
     p = sign_test_p(wins, losses)
@@ -652,6 +863,9 @@ def sign_test_p(wins: int, losses: int) -> float:
     """One-sided sign test: P(at least `wins` of wins + losses fair coin flips)."""
     n = wins + losses
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+
+
+MIN_WINS = _smallest_significant_wins()
 
 
 def _embeddings_of(store: str | Path, rows: Rows, idx: np.ndarray) -> np.ndarray:

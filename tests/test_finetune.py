@@ -1,9 +1,9 @@
 """Fine-tuning on cached activations: outputs, faithfulness, reuse, bad input.
 
 One real run (3 classes x 8 real images, the real MobileNetV2, a late block,
-2 epochs, --no-guard so that the tuned weights are kept whatever the hold-out
-says) is shared by the tests that read its outputs; the guard's own run is
-cheaper (block 18, one epoch).
+2 epochs of the large recipe, --no-guard so that the tuned weights are kept
+whatever the hold-out says) is shared by the tests that read its outputs; the
+guard's own runs are cheaper (block 18, one epoch).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def tuned(tmp_path_factory, backbone):
     before = _digests(store, head)
     result = CliRunner().invoke(cli, ["finetune", str(head), str(work / "out"), "--images",
                                       str(images), "--unfreeze-from", BLOCK, "--epochs", "2",
-                                      "--no-guard", "--json"])
+                                      "--recipe", "large", "--no-guard", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     return {"work": work, "images": images, "store": store, "head": head, "out": work / "out",
@@ -59,7 +59,8 @@ def tuned(tmp_path_factory, backbone):
 
 def test_outputs_are_a_tuned_backbone_a_rebuilt_store_and_a_retrained_head(tuned, backbone):
     out, report = tuned["out"], tuned["report"]
-    assert "epoch 2/2: loss" in tuned["stderr"] and "hold-out accuracy" in tuned["stderr"]
+    assert "epoch 2/2: training loss" in tuned["stderr"]
+    assert "hold-out (3 images) loss" in tuned["stderr"]
     assert not report["kept_original_weights"] and not report["guard"]["enabled"]
     assert _digests(tuned["store"], tuned["head"]) == tuned["before"]  # originals untouched
     tuned_backbone = load_backbone(str(out / "backbone"))
@@ -114,23 +115,92 @@ def test_predict_and_export_work_with_the_new_head(tuned, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_a_hold_out_too_small_to_show_a_gain_stops_before_training(tuned):
+    out = tuned["work"] / "out-stopped"
+    result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(out) + "/",
+                                      "--unfreeze-from", "18", "--cache-dir",
+                                      str(tuned["work"] / "never")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert f"wrote {out / 'store.h5'}, {out / 'head'}, {out / 'report.json'}" in result.stderr
+    # 3 hold-out images: the sign test needs 5 wins, so no run could ever be adopted
+    assert "the guard will judge on 3 hold-out images" in result.stderr
+    assert "no gain can be shown on this set" in result.stderr
+    assert report["stopped_before_training"] and report["kept_original_weights"]
+    assert not report["guard"]["can_adopt"] and report["guard"]["min_wins_to_adopt"] == 5
+    assert report["after"] == report["before"]
+    assert not (tuned["work"] / "never").exists()  # no cache, no model: nothing was run
+    _assert_names_the_original_backbone(out, tuned["store"])
+    assert _digests(tuned["store"], tuned["head"]) == tuned["before"]
+
+
+def _assert_names_the_original_backbone(out: Path, store: Path) -> None:
+    """OUT_DIR's store and head are the original's: same backbone record, same vectors."""
+    with open_store(store) as a, open_store(out / "store.h5") as b:
+        assert b.backbone["name"] == a.backbone["name"] == "mobilenet_v2"
+        assert b.backbone["fingerprint"] == a.backbone["fingerprint"]
+        row = {p: i for i, p in enumerate(b.paths)}
+        assert sorted(row) == sorted(a.paths)
+        np.testing.assert_array_equal(b.embeddings([row[p] for p in a.paths]), a.embeddings())
+    manifest = json.loads((out / "head" / "manifest.json").read_text())
+    assert manifest["backbone"]["name"] == "mobilenet_v2"
+
+
 def test_the_guard_keeps_the_original_weights_when_the_hold_out_cannot_tell(tuned, backbone):
     out = tuned["work"] / "out-guarded"
     result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(out), "--images",
                                       str(tuned["images"]), "--unfreeze-from", "18",
-                                      "--epochs", "1", "--json"])
+                                      "--epochs", "1", "--force", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    # a hold-out of one or two images: nothing on it is significant, the original weights stay
+    # a hold-out of three images: nothing on it is significant, the original weights stay
     assert report["kept_original_weights"] and report["guard"]["p_value"] >= 0.05
     assert "keeping the original weights" in result.stderr
     assert report["after"] == report["before"]
+    # OUT_DIR/backbone is still written, with the original weights; the head and store
+    # name the original backbone, not that copy
     assert load_backbone(str(out / "backbone")).fingerprint == backbone.fingerprint
-    with open_store(tuned["store"]) as a, open_store(out / "store.h5") as b:
-        row = {p: i for i, p in enumerate(b.paths)}
-        assert sorted(row) == sorted(a.paths)
-        np.testing.assert_array_equal(b.embeddings([row[p] for p in a.paths]), a.embeddings())
+    assert report["backbone"]["after"] == backbone.fingerprint
+    _assert_names_the_original_backbone(out, tuned["store"])
     assert _digests(tuned["store"], tuned["head"]) == tuned["before"]
+
+
+def test_the_small_recipe_starts_at_the_frozen_head_and_keeps_its_best_epoch(tuned, backbone):
+    """Epoch 0 (no update) scores what the frozen head scores; a learning rate that only
+    makes things worse leaves the original weights (epoch 0 was the best)."""
+    out = tuned["work"] / "out-small"
+    result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(out),
+                                      "--unfreeze-from", BLOCK, "--epochs", "2",
+                                      "--learning-rate", "3", "--no-guard", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["recipe"] == "small" and report["recipe_settings"]["batchnorm"] == "inference"
+    frozen = report["guard"]["holdout_accuracy_original"]
+    assert report["start"]["accuracy"] == pytest.approx(frozen)
+    assert "epoch 0/2 (before any update): hold-out (3 images) loss" in result.stderr
+    assert f"accuracy {frozen:.4f} (frozen head {frozen:.4f})" in result.stderr
+    assert not any(loss < report["start"]["loss"]  # lr 3: every epoch worse (or NaN)
+                   for loss in report["history"]["val_loss"])
+    kept = load_backbone(str(out / "backbone"))
+    for layer in ("features_17_conv_0_conv", "features_16_conv_1_bn"):
+        for w, w0 in zip(kept.model.get_layer(layer).get_weights(),
+                         backbone.model.get_layer(layer).get_weights()):
+            np.testing.assert_array_equal(w, w0)
+    assert report["after"]["val_accuracy"] == report["before"]["val_accuracy"]
+
+
+def test_recipes_by_training_rows():
+    from embedstore.finetune import LARGE, LARGE_FROM, SMALL, choose_recipe
+
+    assert choose_recipe(LARGE_FROM - 1) is SMALL and choose_recipe(LARGE_FROM) is LARGE
+    assert choose_recipe(10, "large") is LARGE
+    # 60k images (43,272 training rows): issue 13's measured recipe, unchanged
+    assert LARGE.settings(677, None, None, None) == {
+        "epochs": 3, "learning_rate": 1e-3, "patience": 2, "batchnorm": "train",
+        "start": "fresh"}
+    small = SMALL.settings(2, None, None, None)  # ~140 images: a few dozen steps at most
+    assert small["epochs"] * 2 <= 30 and small["patience"] == 2
+    assert small["learning_rate"] == 1e-4
 
 
 def test_sign_test_needs_a_clear_majority_of_the_disagreements():
@@ -157,7 +227,8 @@ def test_batchnorm_statistics_are_recalibrated_to_the_training_batches():
 
 def test_second_run_reuses_the_cache_without_images(tuned):
     result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(tuned["work"] / "out2"),
-                                      "--unfreeze-from", BLOCK, "--epochs", "1", "--json"])
+                                      "--unfreeze-from", BLOCK, "--epochs", "1", "--force",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     assert "all 24 images cached" in result.stderr
     assert "caching block inputs" not in result.stderr
@@ -167,7 +238,8 @@ def test_block_0_trains_the_whole_network_from_pixels(tuned, backbone):
     out = tuned["work"] / "out-pixels"
     result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]), str(out), "--images",
                                       str(tuned["images"]), "--unfreeze-from", "0",
-                                      "--epochs", "1", "--no-guard", "--json"])
+                                      "--epochs", "1", "--recipe", "large", "--no-guard",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     assert "from pixels: on a CPU this is slow" in result.stderr
     assert json.loads(result.stdout)["cache"] is None  # no activation cache
@@ -190,7 +262,7 @@ def test_changed_and_missing_images_are_reported_and_left_out(tuned):
     result = CliRunner().invoke(cli, [
         "finetune", str(tuned["head"]), str(tuned["work"] / "out3"), "--images", str(images),
         "--unfreeze-from", "18", "--epochs", "1", "--cache-dir", str(tuned["work"] / "c3"),
-        "--json"])
+        "--force", "--json"])
     assert result.exit_code == 0, result.output
     left = {p["path"]: p["reason"] for p in json.loads(result.stdout)["left_out"]}
     assert left == {f"Bag/{bags[0].name}": "missing",
@@ -209,7 +281,7 @@ def test_changed_and_missing_images_are_reported_and_left_out(tuned):
 def test_bad_input_is_one_clear_line(tuned, args, message):
     args = [a.format(work=tuned["work"]) for a in args]
     result = CliRunner().invoke(cli, ["finetune", str(tuned["head"]),
-                                      str(tuned["work"] / "bad"), *args])
+                                      str(tuned["work"] / "bad"), "--force", *args])
     assert result.exit_code != 0
     assert message in str(result.exception)
 

@@ -59,7 +59,8 @@ def prepare(name: str, job: Preparation, say: Say) -> Backbone:
     return quantized
 
 
-RUNTIME = Runtime("int8", "OpenVINO int8 (~1.2-1.9x tflite model-only; cosine to fp32 ~0.95-0.97), "
-                          "calibrated once on up to 300 of the images and kept as STORE/int8; "
-                          "its vectors never mix with fp32 ones (pip install "
-                          "'embedstore[int8]')", load, prepare)
+RUNTIME = Runtime("int8", "OpenVINO int8 (model-only 1.2-1.9x tflite, end to end 0.85-1.5x; "
+                          "cosine to fp32 min 0.95-0.96, median 0.98: docs/runtimes.md, "
+                          "BENCHMARKS.md), calibrated once on up to 300 of the images and kept "
+                          "as STORE/int8; its vectors never mix with fp32 ones (needs pip "
+                          "install 'embedstore[int8]')", load, prepare)
