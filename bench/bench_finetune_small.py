@@ -1,6 +1,6 @@
 """Fine-tuning a few hundred images: is the result ever worse than before?
 
-    python bench/bench_finetune_small.py WORK_DIR [--seeds 0,1,2] [--epochs N]
+    python -m bench.bench_finetune_small WORK_DIR [--seeds 0,1,2] [--epochs N]
 
 Issues 13 and 23's check: on a labelled set of a few hundred images,
 `finetune` at its defaults must not lower validation accuracy (by more than
@@ -8,7 +8,8 @@ Issues 13 and 23's check: on a labelled set of a few hundred images,
 quickly. Each set is extracted once; for each seed a logreg head is trained
 (`train --seed`: another validation split and training order), then
 `finetune` runs with the guard (the default) and with --no-guard, both from
-the same activation cache; wall seconds of each run are reported. Sets: the bundled Fashion-MNIST sample, two
+the same activation cache; wall seconds of each run are reported. Sets: the bundled
+Fashion-MNIST sample, two
 Fashion-MNIST subsets, and photo crops made from scikit-image's and
 scikit-learn's sample photos (class = source photo).
 """
@@ -23,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import REPO, report, table  # noqa: E402
-from fashion_mnist import write_pngs  # noqa: E402
+from bench.common import REPO, report, table
+from bench.fashion_mnist import write_pngs
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "retina"]

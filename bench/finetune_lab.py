@@ -1,10 +1,10 @@
 """Controlled fine-tuning experiments on in-memory block inputs (how the defaults were chosen).
 
-    python bench/finetune_lab.py cache WORK [--train 10000] [--test 2000]
-    python bench/finetune_lab.py run WORK --n 5000 [--offset 0] [--head fresh|folded|rawlr]
+    python -m bench.finetune_lab cache WORK [--train 10000] [--test 2000]
+    python -m bench.finetune_lab run WORK --n 5000 [--offset 0] [--head fresh|folded|rawlr]
         [--bn train|frozen|affine] [--lr 1e-3] [--epochs 3] [--wd 1e-4] [--recal ROWS]
         [--chunked] [--seed 0] [--ntest 2000]
-    python bench/finetune_lab.py table WORK   (WORK/results.jsonl as a markdown table)
+    python -m bench.finetune_lab table WORK   (WORK/results.jsonl as a markdown table)
 
 `cache` runs the frozen bottom (blocks 0-13) once over random Fashion-MNIST
 train/test subsets (seed 0) and keeps block-14 inputs (float16) and frozen
@@ -37,9 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fashion_mnist import load  # noqa: E402
+from bench.fashion_mnist import load
 
 BLOCK = 14
 
@@ -185,7 +183,8 @@ def run(a) -> None:
               "frozen": round(float(right["frozen"].mean()), 4),
               "tuned_logreg": round(float(right["tuned"].mean()), 4),
               "tuned_softmax": round(float((apply(model, Xt).argmax(1) == yt).mean()), 4),
-              "frozen_hold": round(float((frozen_fit.predict(E[hold_idx]) == y[hold_idx]).mean()), 4),
+              "frozen_hold": round(float(
+                  (frozen_fit.predict(E[hold_idx]) == y[hold_idx]).mean()), 4),
               "hold_acc": [round(float(hold0["accuracy"]), 4)]
               + [round(v, 4) for v in hist.history["val_accuracy"]],
               "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1)}

@@ -36,10 +36,11 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -451,7 +452,7 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe: "Recipe",
+def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe: Recipe,
                     start: tuple[np.ndarray, np.ndarray] | None):
     """top -> a softmax layer, trainable as the recipe says.
 
@@ -492,9 +493,9 @@ class _Training:
 
 
 def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.ndarray,
-               classes: np.ndarray, seed: int, recipe: "Recipe", epochs: int | None,
+               classes: np.ndarray, seed: int, recipe: Recipe, epochs: int | None,
                learning_rate: float | None, batch_size: int, augment: str,
-               patience: int | None, reference: "_Reference", log) -> _Training:
+               patience: int | None, reference: _Reference, log) -> _Training:
     """Train source.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
     if it trained); the weights left are the best on the hold-out, the start included."""
     import keras
@@ -523,7 +524,7 @@ def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.
 
 
 def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: dict, seed: int,
-         reference: "_Reference", n_hold: int, log):
+         reference: _Reference, n_hold: int, log):
     """AdamW, warm-up + cosine decay, label smoothing; the best epoch on the hold-out kept."""
     import keras
     import tensorflow as tf
@@ -622,7 +623,8 @@ def _recalibrate_batchnorm(model, dataset, max_rows: int = RECALIBRATION_ROWS) -
     """
     import keras
 
-    layers = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    layers = [layer for layer in _all_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]
     seen = 0
     for k, (x, _) in enumerate(dataset):
@@ -770,7 +772,7 @@ class _Reference:
 
     @classmethod
     def fit(cls, manifest: HeadManifest, store: str, rows: Rows, fit_rows: np.ndarray,
-            hold_rows: np.ndarray) -> "_Reference":
+            hold_rows: np.ndarray) -> _Reference:
         X, y = _embeddings_of(store, rows, fit_rows), rows.labels[fit_rows]
         head = make_head(manifest.head, **manifest.params).fit(X, y)
         right = (head.predict(_embeddings_of(store, rows, hold_rows)) == rows.labels[hold_rows]

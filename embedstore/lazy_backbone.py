@@ -9,8 +9,8 @@ checked against the record then.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -29,7 +29,8 @@ class LazyBackbone:
                  say: Callable[[str], None] | None):
         self.name, self.fingerprint, self.dim = record["name"], record["fingerprint"], record["dim"]
         self._config = record["config"]
-        self.input_size, self.crop_fraction = self._config["input_size"], self._config["crop_fraction"]
+        self.input_size = self._config["input_size"]
+        self.crop_fraction = self._config["crop_fraction"]
         self.runtime = NOT_LOADED
         self.device = ""
         self._load = (name, runtime, say)
