@@ -9,8 +9,7 @@ quickly. Each set is extracted once; for each seed a logreg head is trained
 (`train --seed`: another validation split and training order), then
 `finetune` runs with the guard (the default) and with --no-guard, both from
 the same activation cache; wall seconds of each run are reported. Sets: the bundled
-Fashion-MNIST sample, two
-Fashion-MNIST subsets, and photo crops made from scikit-image's and
+Fashion-MNIST sample, two Fashion-MNIST subsets, and photo crops made from scikit-image's and
 scikit-learn's sample photos (class = source photo).
 """
 
