@@ -42,9 +42,9 @@ def test_every_option_of_every_command_has_help_and_a_real_metavar():
 
 
 def test_the_progress_line_names_elapsed_time_and_the_eta():
-    from embedstore.extract import Progress
+    from embedstore.engines import JobState
 
-    state = Progress(done=50, total=150, embedded=50)
+    state = JobState(done=50, total=150, embedded=50)
     state.started -= 10  # 10 s in, 50 of 150 done: 20 s to go
     text = _progress_text(state)
     assert text.startswith("0:10 elapsed, ETA 0:20, ") and text.endswith("0 failed")
