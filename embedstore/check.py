@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def check_images(paths: list[str], backbone: str = "mobilenet_v2", top: int = 5)
     names = imagenet_class_names()
     resizer = Resizer(bb.input_size, bb.crop_fraction)
     samples = _sample_files()
-    results = []
+    results: list[dict[str, Any]] = []
     for path in paths:
         try:
             pixels = resizer.batch([decode_image(Path(path).read_bytes(),
@@ -56,12 +57,13 @@ def check_images(paths: list[str], backbone: str = "mobilenet_v2", top: int = 5)
             continue
         probs = bb.classify(pixels)[0]
         best = np.argsort(-probs)[:top]
-        result = {"path": path, "top5": [
-            {"label": names[i] if probs.shape[0] == len(names) else str(i),
-             "probability": float(probs[i])} for i in best]}
-        expected = KNOWN_LABELS.get(samples.get(str(Path(path).resolve()), ()))
+        top5 = [{"label": names[i] if probs.shape[0] == len(names) else str(i),
+                 "probability": float(probs[i])} for i in best]
+        result: dict[str, Any] = {"path": path, "top5": top5}
+        key = samples.get(str(Path(path).resolve()))
+        expected = KNOWN_LABELS.get(key) if key else None
         if expected:
-            result.update(expected=expected, passed=result["top5"][0]["label"] == expected)
+            result.update(expected=expected, passed=top5[0]["label"] == expected)
         results.append(result)
     return results
 

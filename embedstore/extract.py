@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from embedstore.backbones import Backbone
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store
@@ -69,11 +70,11 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     started = time.monotonic()
     source = scan(images, follow_links)
     if isinstance(backbone, str):  # the model loads at the first new image, if any
-        backbone = (engine == "local" and recorded_lazily(store, backbone, runtime, status)
-                    or load_for_store(backbone, runtime, Preparation(
-                        str(store), _recorded_backbone(Path(store)), layout(store).int8,
-                        [r.path for r in source.images], str(source.root), max_pixels),
-                        say=status))
+        backbone = cast(Backbone, (
+            engine == "local" and recorded_lazily(store, backbone, runtime, status)
+            or load_for_store(backbone, runtime, Preparation(
+                str(store), _recorded_backbone(Path(store)), layout(store).int8,
+                [r.path for r in source.images], str(source.root), max_pixels), say=status)))
     refs = source.images
     startup = time.monotonic() - started
     state = JobState(total=len(refs))

@@ -299,6 +299,7 @@ def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
                 problems.append({"path": str(rows.paths[r]), "sha256": expected,
                                  "reason": reason})
             continue
+        assert item.image is not None  # read, unchanged and decoded
         yield expected, item.image
 
 
@@ -312,13 +313,14 @@ class _Source:
     top: Any  # the Keras model that trains: blocks >= block
     resizer: Resizer
     cache: ActivationCache | None  # None: train from pixels under root
-    root: Path | None
+    root: Path | None  # set when cache is None
     problems: list[dict]  # files left out: missing, changed, unreadable
 
     def dataset(self, rows: Rows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
                 augment: str, shuffle: bool):
         label_of = {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r])) for r in idx}
         if self.cache is None:
+            assert self.root is not None
             return _pixel_dataset(self.root, rows, idx, label_of, self.resizer, len(classes),
                                   batch_size, shuffle)
         return _cache_dataset(self.cache, label_of, len(classes), batch_size, shuffle,
@@ -327,6 +329,7 @@ class _Source:
     def embeddings(self, tuned: Backbone, rows: Rows, unfreeze_from: int | str):
         """(sha256s, vectors) chunks of every image through the tuned backbone."""
         if self.cache is None:
+            assert self.root is not None
             return _embed_images(tuned, self.root, rows, self.problems)
         return _embed_cache(self.cache, split_at(tuned.model, unfreeze_from)[1])
 
@@ -540,7 +543,7 @@ def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: dict, seed: int,
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
                   metrics=["accuracy"])
-    epoch_log = _EpochLog(epochs, n_hold, reference.accuracy, log)
+    epoch_log: Any = _EpochLog(epochs, n_hold, reference.accuracy, log)
     with warnings.catch_warnings():  # a tf.data of unknown length: Keras warns every epoch
         warnings.simplefilter("ignore", UserWarning)
         first = (model.evaluate(holdout_ds, verbose=0, return_dict=True) if n_hold

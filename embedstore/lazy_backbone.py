@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.backbones import BackboneError
+from embedstore.backbones import Backbone, BackboneError
 from embedstore.backbones.reference import canonical_name
 from embedstore.backbones.runtimes import load_for_inference
 from embedstore.store import stored_backbone
@@ -35,7 +35,7 @@ class LazyBackbone:
         self.device = ""
         self._load = (name, runtime, say)
         self._store = store
-        self._real = None
+        self._real: Backbone | None = None
 
     def config(self) -> dict:
         return self._config
@@ -50,6 +50,7 @@ class LazyBackbone:
                     f"{real.fingerprint[:12]}, the store's {self.fingerprint[:12]}): its weights "
                     "changed; extract into a new store")
             self._real, self.runtime, self.device = real, real.runtime, real.device
+            return real.embed(pixels)
         return self._real.embed(pixels)
 
 
