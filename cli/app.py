@@ -756,3 +756,92 @@ def finetune_cmd(head_dir, out_dir, images, block, epochs, learning_rate, batch_
     for p in report["left_out"][:10]:
         click.echo(f"left out: {p['path']}: {p['reason']}", err=True)
     click.echo(f"wrote {out_dir}/backbone, store.h5, head, report.json", err=True)
+
+
+# --- know your data ------------------------------------------------------------------
+
+@cli.command("similar")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+              help="Neighbours per query.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON list: query, source, neighbours [{row, path, label, similarity}].")
+@RUNTIME_OPTION
+def similar_cmd(store, queries, k, as_json, runtime) -> None:
+    """The K rows of STORE nearest (cosine) to each QUERY: an image file, or a path
+    already in the store (its cached vector; its own row is left out).
+
+    Image files whose content the store holds reuse its vector; others are
+    embedded with the store's backbone. The search is exact, one block of
+    rows at a time, so memory does not grow with the store.
+    """
+    from embedstore.similar import similar
+
+    results = similar(store, list(queries), k=k, runtime=runtime)
+    if as_json:
+        _json_out(results)
+        return
+    for r in results:
+        click.echo(f"{r['query']}  ({r['source']})")
+        for i, n in enumerate(r["neighbours"], 1):
+            click.echo(f"  {i:>3}  {n['similarity']:.4f}  {n['label'] or '-':<16} {n['path']}")
+
+
+@cli.command("audit")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole audit as JSON.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write contact sheets, a 2-D map and index.html into this directory.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=".",
+              show_default=True, help="The folder STORE was extracted from (for thumbnails).")
+@click.option("--threshold", default=0.97, show_default=True, type=click.FloatRange(-1, 1),
+              help="Cosine at which two images are near duplicates whatever their neighbours.")
+@click.option("--mutual-threshold", default=0.90, show_default=True,
+              type=click.FloatRange(-1, 1),
+              help="... or when each is the other's nearest neighbour at this cosine or more, "
+                   "with a lead of --gap over either one's next neighbour.")
+@click.option("--gap", default=0.03, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="The split to check for leaks, as given to train.")
+@click.option("--seed", default=0, show_default=True, help="Split seed, as given to train.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(1),
+              help="Items listed per section.")
+def audit_cmd(store, as_json, report_dir, images, threshold, mutual_threshold, gap,
+              val_fraction, seed, top) -> None:
+    """Duplicates, train/validation leaks, likely label errors and outliers in STORE.
+
+    One pass over the cached vectors: exact and near-duplicate groups (those
+    crossing the split or classes first), rows whose given label gets a low
+    out-of-fold probability from a logreg head (with the class it looks
+    like), and rows far from their own class. Each is ranked, with a reason.
+    """
+    from embedstore.audit import audit
+
+    result = audit(store, threshold=threshold, mutual_threshold=mutual_threshold, gap=gap,
+                   val_fraction=val_fraction, seed=seed, top=top)
+    if report_dir:
+        from embedstore.audit_report import write_report
+
+        index = write_report(result, report_dir, images)
+        click.echo(f"wrote {index}", err=True)
+    if as_json:
+        _json_out(result)
+        return
+    s = result["summary"]
+    click.echo(f"{result['store']}: {result['rows']} images")
+    click.echo(f"duplicate groups: {s['duplicate_groups']} ({s['exact_duplicate_groups']} of "
+               f"identical files; {s['groups_across_split']} across the train/validation "
+               f"split, {s['groups_across_classes']} across classes)")
+    for g in result["duplicates"]:
+        click.echo(f"  {g['reason']}")
+        for m in g["members"]:
+            click.echo(f"      {m['path']}  ({m['label'] or '-'}, {m['split']})")
+    click.echo(f"likely label errors: {s['likely_label_errors']} (out-of-fold accuracy "
+               f"{s['oof_accuracy']})")
+    for e in result["label_errors"]:
+        click.echo(f"  {e['path']}  {e['reason']}")
+    click.echo(f"outliers: {s['outliers']}")
+    for o in result["outliers"]:
+        click.echo(f"  {o['path']}  {o['reason']}")
