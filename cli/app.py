@@ -619,9 +619,12 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="JSON list: path, label, probability, top_k, cached; or path, error.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,label,probability,top_k,error.")
+@click.option("--unknown-below", type=click.FloatRange(0, 1), metavar="P",
+              help="Answer 'unknown' (none of the classes) when the top probability is below "
+                   "P; JSON then has \"unknown\": true and label null.")
 @RUNTIME_OPTION
 def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_json,
-                as_csv, runtime) -> None:
+                as_csv, unknown_below, runtime) -> None:
     """Predict labels for image files and folders (recursive) with the head in HEAD_DIR.
 
     Images go through the same pipeline as extraction, with the backbone the
@@ -633,7 +636,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size,
-                      backbone=backbone_name, runtime=runtime)
+                      backbone=backbone_name, runtime=runtime, unknown_below=unknown_below)
     if as_json:
         _json_out(results)
     elif as_csv:
@@ -643,7 +646,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
         writer.writerow(["path", "label", "probability", "top_k", "error"])
         for r in results:
             topk = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.get("top_k", []))
-            writer.writerow([r["path"], r.get("label", ""),
+            writer.writerow([r["path"], r.get("label") or "",
                              f"{r['probability']:.6f}" if "probability" in r else "", topk,
                              r.get("error", "")])
     else:
@@ -652,8 +655,10 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
             if "error" in r:
                 click.echo(f"{r['path']:<{width}}  error: {r['error']}")
             else:
-                others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top_k"][1:])
-                click.echo(f"{r['path']:<{width}}  {r['label']:<16} {r['probability']:7.1%}"
+                shown = r["top_k"][0 if r.get("unknown") else 1:]
+                others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in shown)
+                label = "(unknown)" if r.get("unknown") else r["label"]
+                click.echo(f"{r['path']:<{width}}  {label:<16} {r['probability']:7.1%}"
                            + (f"   ({others})" if others else ""))
     failed = sum("error" in r for r in results)
     if failed and not (as_json or as_csv):
