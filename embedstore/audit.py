@@ -131,6 +131,39 @@ def near_duplicate_pairs(sims: np.ndarray, rows: np.ndarray, threshold: float = 
     return [(i, j, s) for (i, j), s in sorted(pairs.items())]
 
 
+def duplicate_group_ids(X: np.ndarray, sha: np.ndarray, space: np.ndarray | None = None,
+                        threshold: float = THRESHOLD, mutual_threshold: float = MUTUAL_THRESHOLD,
+                        gap: float = GAP) -> np.ndarray:
+    """One id per row of the unit vectors X; rows of one content hash or joined by a
+    near-duplicate pair share it."""
+    content = np.unique(sha, return_inverse=True)[1]  # identical files share a vector
+    sims, nbrs = neighbours(X, np.arange(len(X)), 3, space, content=content)
+    groups = _Groups(len(X))
+    first_of: dict = {}
+    for r, c in enumerate(content):
+        groups.union(r, first_of.setdefault(c, r))
+    for i, j, _ in near_duplicate_pairs(sims, nbrs, threshold, mutual_threshold, gap, content):
+        groups.union(i, j)
+    return groups.labels()
+
+
+def split_leaks(store: str | Path, val_fraction: float = 0.2, seed: int = 0, **thresholds
+                ) -> dict:
+    """How many validation images of STORE's train/validation split have an exact or near
+    duplicate among the training images (each inflates the validation figures)."""
+    with open_store(store) as reader:
+        rows = np.flatnonzero((reader.views == 0) & (reader.labels >= 0))
+        sha, labels = reader.sha256[rows], reader.labels[rows]
+        X = normalise(reader.embeddings(rows))
+    split = _split_names(sha, labels, val_fraction, seed)
+    group_of = duplicate_group_ids(X, sha, search_space(X, seed), **thresholds)
+    in_train = np.zeros(len(X), bool)
+    in_train[group_of[split == "train"]] = True
+    leaking = (split == "validation") & in_train[group_of]
+    return {"validation_images": int(np.sum(split == "validation")),
+            "with_duplicate_in_training": int(leaking.sum())}
+
+
 # --- the audit -------------------------------------------------------------------------
 
 def audit(store: str | Path, threshold: float = THRESHOLD,
@@ -149,16 +182,8 @@ def audit(store: str | Path, threshold: float = THRESHOLD,
         labels, classes = reader.labels[rows], reader.classes
         X = normalise(reader.embeddings(rows))  # the one copy of the vectors
     split = _split_names(sha, labels, val_fraction, seed)
-    content = np.unique(sha, return_inverse=True)[1]  # identical files share a vector
     space = search_space(X, seed)
-    sims, nbrs = neighbours(X, np.arange(len(rows)), 3, space, content=content)
-    groups = _Groups(len(rows))
-    first_of = {}
-    for r, c in enumerate(content):
-        groups.union(r, first_of.setdefault(c, r))
-    for i, j, _ in near_duplicate_pairs(sims, nbrs, threshold, mutual_threshold, gap, content):
-        groups.union(i, j)
-    group_of = groups.labels()
+    group_of = duplicate_group_ids(X, sha, space, threshold, mutual_threshold, gap)
     info = {"store": str(store), "rows": int(len(rows)), "classes": classes,
             "thresholds": {"threshold": threshold, "mutual_threshold": mutual_threshold,
                            "gap": gap},
