@@ -240,7 +240,7 @@ def _duplicate_groups(group_of, paths, sha, labels, classes, split, X) -> list[d
                          for m in members]}
         g["reason"] = _duplicate_reason(g)
         out.append(g)
-    out.sort(key=lambda g: (not g["across_split"], not g["across_classes"], g["exact"] is False,
+    out.sort(key=lambda g: (not g["across_split"], not g["across_classes"], not g["exact"],
                             -g["min_cosine"]))
     return out
 

@@ -137,8 +137,8 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
         check_same_backbone(manifest.backbone, split.backbone, manifest_file, manifest.store)
         X, y_names = split.X_val, [split.classes[c] for c in split.y_val]
         source = f"validation split of {manifest.store}"
+        # validation images with a copy in training inflate every figure: count them
         leaks = split_leaks(manifest.store, manifest.val_fraction, manifest.seed)
-
     else:
         with open_store(store) as s:
             check_same_backbone(manifest.backbone, BackboneRef.from_dict(s.backbone, store),
