@@ -281,7 +281,8 @@ def out_of_fold_proba(X: np.ndarray, labels: np.ndarray, n_classes: int,
     # small fits on a busy machine: OpenBLAS threads spin against each other (300 rows:
     # 7.8 s per fit with 2 threads under load, 0.19 s with one)
     with threadpool_limits(1 if len(rows) < EXACT_SEARCH_ROWS else None):
-        proba[:, present] = cross_val_predict(LogRegHead(), X[rows], y, cv=cv,
+        Xr = X if len(rows) == len(X) else X[rows]  # no second copy when all are labelled
+        proba[:, present] = cross_val_predict(LogRegHead(), Xr, y, cv=cv,
                                               groups=groups[rows], method="predict_proba")
     return rows, proba
 
