@@ -587,7 +587,7 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
     if result.get("near_duplicate_leaks"):
         click.echo(f"warning: {result['near_duplicate_leaks']} validation images have a near "
                    "duplicate among the training images, which inflates these figures; "
-                   f"`embedstore audit` lists them", err=True)
+                   "`embedstore audit` lists them", err=True)
     if as_json:
         _json_out(result)
     else:
