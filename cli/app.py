@@ -630,6 +630,10 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
     from embedstore.evaluate import evaluate_head
 
     result = evaluate_head(head_dir, store, plots=not no_plots)
+    if result.get("near_duplicate_leaks"):
+        click.echo(f"warning: {result['near_duplicate_leaks']} validation images have a near "
+                   "duplicate among the training images, which inflates these figures; "
+                   "`embedstore audit` lists them", err=True)
     if as_json:
         _json_out(result)
     else:
@@ -666,9 +670,12 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="JSON list: path, label, probability, top_k, cached; or path, error.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,label,probability,top_k,error.")
+@click.option("--unknown-below", type=click.FloatRange(0, 1), metavar="P",
+              help="Answer 'unknown' (none of the classes) when the top probability is below "
+                   "P; JSON then has \"unknown\": true and label null.")
 @RUNTIME_OPTION
 def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_json,
-                as_csv, runtime) -> None:
+                as_csv, unknown_below, runtime) -> None:
     """Predict labels for images with the head in HEAD_DIR.
 
     PATHS are what extract takes: image files, folders (recursive) and text
@@ -682,7 +689,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     results = predict(head_dir, list(paths), top_k=top_k, store=store, batch_size=batch_size,
-                      backbone=backbone_name, runtime=runtime)
+                      backbone=backbone_name, runtime=runtime, unknown_below=unknown_below)
     # a file name is bytes: one that is not UTF-8 is printed with its bytes escaped
     results = [{**r, "path": _printable(r["path"])} for r in results]
     if as_json:
@@ -694,7 +701,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
         writer.writerow(["path", "label", "probability", "top_k", "error"])
         for r in results:
             topk = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.get("top_k", []))
-            writer.writerow([r["path"], r.get("label", ""),
+            writer.writerow([r["path"], r.get("label") or "",
                              f"{r['probability']:.6f}" if "probability" in r else "", topk,
                              r.get("error", "")])
     else:
@@ -703,8 +710,10 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
             if "error" in r:
                 click.echo(f"{r['path']:<{width}}  error: {r['error']}")
             else:
-                others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top_k"][1:])
-                click.echo(f"{r['path']:<{width}}  {r['label']:<16} {r['probability']:7.1%}"
+                shown = r["top_k"][0 if r.get("unknown") else 1:]
+                others = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in shown)
+                label = "(unknown)" if r.get("unknown") else r["label"]
+                click.echo(f"{r['path']:<{width}}  {label:<16} {r['probability']:7.1%}"
                            + (f"   ({others})" if others else ""))
     listed = max((len(r["top_k"]) for r in results if "top_k" in r), default=top_k)
     if listed < top_k:  # predict() cuts k to the number of classes
@@ -846,3 +855,92 @@ def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate
     written = ([out / "backbone"] if report["backbone"]["path"] else []) + [
         out / "store.h5", out / "head", out / "report.json"]
     click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+# --- know your data ------------------------------------------------------------------
+
+@cli.command("similar")
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+              help="Neighbours per query.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON list: query, source, neighbours [{row, path, label, similarity}].")
+@RUNTIME_OPTION
+def similar_cmd(store, queries, k, as_json, runtime) -> None:
+    """The K rows of STORE nearest (cosine) to each QUERY: an image file, or a path
+    already in the store (its cached vector; its own row is left out).
+
+    Image files whose content the store holds reuse its vector; others are
+    embedded with the store's backbone. The search is exact, one block of
+    rows at a time, so memory does not grow with the store.
+    """
+    from embedstore.similar import similar
+
+    results = similar(store, list(queries), k=k, runtime=runtime)
+    if as_json:
+        _json_out(results)
+        return
+    for r in results:
+        click.echo(f"{r['query']}  ({r['source']})")
+        for i, n in enumerate(r["neighbours"], 1):
+            click.echo(f"  {i:>3}  {n['similarity']:.4f}  {n['label'] or '-':<16} {n['path']}")
+
+
+@cli.command("audit")
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole audit as JSON.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write contact sheets, a 2-D map and index.html into this directory.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=".",
+              show_default=True, help="The folder STORE was extracted from (for thumbnails).")
+@click.option("--threshold", default=0.97, show_default=True, type=click.FloatRange(-1, 1),
+              help="Cosine at which two images are near duplicates whatever their neighbours.")
+@click.option("--mutual-threshold", default=0.90, show_default=True,
+              type=click.FloatRange(-1, 1),
+              help="... or when each is the other's nearest neighbour at this cosine or more, "
+                   "with a lead of --gap over either one's next neighbour.")
+@click.option("--gap", default=0.03, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="The split to check for leaks, as given to train.")
+@click.option("--seed", default=0, show_default=True, help="Split seed, as given to train.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(1),
+              help="Items listed per section.")
+def audit_cmd(store, as_json, report_dir, images, threshold, mutual_threshold, gap,
+              val_fraction, seed, top) -> None:
+    """Duplicates, train/validation leaks, likely label errors and outliers in STORE.
+
+    One pass over the cached vectors: exact and near-duplicate groups (those
+    crossing the split or classes first), rows whose given label gets a low
+    out-of-fold probability from a logreg head (with the class it looks
+    like), and rows far from their own class. Each is ranked, with a reason.
+    """
+    from embedstore.audit import audit
+
+    result = audit(store, threshold=threshold, mutual_threshold=mutual_threshold, gap=gap,
+                   val_fraction=val_fraction, seed=seed, top=top)
+    if report_dir:
+        from embedstore.audit_report import write_report
+
+        index = write_report(result, report_dir, images)
+        click.echo(f"wrote {index}", err=True)
+    if as_json:
+        _json_out(result)
+        return
+    s = result["summary"]
+    click.echo(f"{result['store']}: {result['rows']} images")
+    click.echo(f"duplicate groups: {s['duplicate_groups']} ({s['exact_duplicate_groups']} of "
+               f"identical files; {s['groups_across_split']} across the train/validation "
+               f"split, {s['groups_across_classes']} across classes)")
+    for g in result["duplicates"]:
+        click.echo(f"  {g['reason']}")
+        for m in g["members"]:
+            click.echo(f"      {m['path']}  ({m['label'] or '-'}, {m['split']})")
+    click.echo(f"likely label errors: {s['likely_label_errors']} (out-of-fold accuracy "
+               f"{s['oof_accuracy']})")
+    for e in result["label_errors"]:
+        click.echo(f"  {e['path']}  {e['reason']}")
+    click.echo(f"outliers: {s['outliers']}")
+    for o in result["outliers"]:
+        click.echo(f"  {o['path']}  {o['reason']}")

@@ -35,6 +35,8 @@ _EXPORTS = {
     "predict": "embedstore.predict",
     "export": "embedstore.export",
     "finetune": "embedstore.finetune",
+    "similar": "embedstore.similar",
+    "audit": "embedstore.audit",
     "load_backbone": "embedstore.backbones",
     "load_for_inference": "embedstore.backbones.runtimes",
 }

@@ -114,6 +114,7 @@ class EvaluationError(ValueError):
 def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
                   plots: bool = True) -> dict:
     """Metrics of a trained head on its validation split, or on every labelled row of STORE."""
+    from embedstore.audit import split_leaks
     from embedstore.backbones.reference import BackboneRef, check_same_backbone
     from embedstore.headdir import MANIFEST, head_store, load_head, read_manifest
     from embedstore.heads import DenseHead
@@ -137,6 +138,8 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
         check_same_backbone(manifest.backbone, split.backbone, manifest_file, trained_on)
         X, y_names = split.X_val, [split.classes[c] for c in split.y_val]
         source = f"validation split of {trained_on}"
+        # validation images with a copy in training inflate every figure: count them
+        leaks = split_leaks(trained_on, manifest.val_fraction, manifest.seed)
     else:
         with open_store(store) as s:
             check_same_backbone(manifest.backbone, BackboneRef.from_dict(s.backbone, store),
@@ -155,6 +158,8 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in y_names])
     result = {"source": source, **classification_metrics(y, model.predict_proba(X), classes)}
+    if store is None:
+        result["near_duplicate_leaks"] = leaks["with_duplicate_in_training"]
     if plots:
         out = Path(head_dir)
         files = [plot_confusion_matrix(result["confusion_matrix"], classes,

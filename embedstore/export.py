@@ -37,7 +37,8 @@ from keras import ops
 from embedstore.atomic import replacing_dir
 from embedstore.backbones.layers import Preprocess
 from embedstore.export_formats import FORMATS, MODEL_FILES
-from embedstore.headdir import HeadManifest, load_head, load_head_backbone, read_manifest
+from embedstore.headdir import (MANIFEST, HeadManifest, load_head, load_head_backbone,
+                                read_manifest, temperature_of)
 from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.pipeline import min_decode_side, resize_for_backbone
 from embedstore.quiet import native_output_silenced
@@ -79,16 +80,21 @@ class KNNVotes(keras.layers.Layer):
                 "distance_weighted": self.distance_weighted}
 
 
-def head_layer(head, dim: int):
-    """The fitted head as a Keras layer (or model) from embeddings to probabilities."""
+def head_layer(head, dim: int, temperature: float = 1.0):
+    """The fitted head as a Keras layer (or model) from embeddings to probabilities.
+
+    A calibration temperature T is folded into the last softmax layer's weights
+    (softmax(z / T) = softmax((W / T) x + b / T)): standard layers only.
+    """
     if isinstance(head, LogRegHead):
         W, b = head.folded_linear()
+        W, b = W / temperature, b / temperature
         layer = keras.layers.Dense(W.shape[1], activation="softmax", name="logreg")
         layer.build((None, dim))
         layer.set_weights([W, b])
         return layer
     if isinstance(head, DenseHead):
-        return head.model_
+        return head.model_ if temperature == 1.0 else _tempered(head.model_, dim, temperature)
     if isinstance(head, KNNHead):
         layer = KNNVotes(len(head.X_), dim, len(head.classes_), head.k_,
                          distance_weighted=head.weights == "distance", name="knn")
@@ -126,6 +132,19 @@ def standard_backbone(model: keras.Model) -> keras.Model:
     return keras.Model(pixels, rest(standard_preprocess(found[0])(pixels)), name=model.name)
 
 
+def _tempered(model, dim: int, temperature: float):
+    """The dense head with its softmax layer's weights divided by the temperature."""
+    x = inputs = keras.Input((dim,), name="embedding")
+    for layer in model.layers[:-1]:
+        x = layer(x)
+    last = model.layers[-1]
+    W, b = last.get_weights()
+    out = keras.layers.Dense(W.shape[1], activation="softmax", name=last.name)
+    y = out(x)
+    out.set_weights([W / temperature, b / temperature])
+    return keras.Model(inputs, y, name=model.name)
+
+
 def build_model(head_dir: str | Path, backbone=None,
                 backbone_name: str | None = None) -> tuple[keras.Model, HeadManifest]:
     """One Keras model: resized pixels in [0, 255] -> class probabilities."""
@@ -144,7 +163,8 @@ def build_model(head_dir: str | Path, backbone=None,
     size = backbone.input_size
     pixels = keras.Input((size, size, 3), name="pixels")
     features = standard_backbone(backbone.model)(pixels)
-    probabilities = head_layer(load_head(head_dir), backbone.dim)(features)
+    temperature = temperature_of(manifest, Path(head_dir) / MANIFEST)
+    probabilities = head_layer(load_head(head_dir), backbone.dim, temperature)(features)
     return keras.Model(pixels, probabilities, name="embedstore_classifier"), manifest
 
 
@@ -274,7 +294,7 @@ def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
         (tmp / EXPORT_JSON).write_text(json.dumps({
             "format": fmt, "file": MODEL_FILES[fmt], "classes": classes, "input_size": size,
             "crop_fraction": crop, "head": manifest.head,
-            "backbone": manifest.backbone.as_dict(),
+            "backbone": manifest.backbone.as_dict(), "calibration": manifest.calibration,
             **_interface(fmt, size, len(classes))}, indent=2))
     return out
 

@@ -58,6 +58,7 @@ class HeadManifest:
     n_train: int = 0
     n_val: int = 0
     duplicates_across_classes: list = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)  # method, temperature (calibration.py)
     files: list[str] = field(default_factory=list)
     created: str = ""
     versions: dict = field(default_factory=dict)
@@ -261,6 +262,20 @@ def read_manifest(head_dir: str | Path) -> HeadManifest:
     fields = {k: v for k, v in raw.items() if k in known}
     return HeadManifest(**{**fields, "params": decode_params(raw["params"]),
                            "backbone": backbone, "classes": list(classes)})
+
+
+def temperature_of(manifest: HeadManifest, where: str | Path) -> float:
+    """The temperature `train` fitted on the validation split, 1.0 when none was."""
+    t = manifest.calibration.get("temperature", 1.0) if isinstance(manifest.calibration,
+                                                                   dict) else 1.0
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not np.isfinite(t) or t <= 0:
+        raise HeadDirError(f"{where}: calibration temperature {t} is not a "
+                           "positive number; the file is damaged: retrain the head")
+    return t
 
 
 def read_metrics(head_dir: str | Path) -> dict:

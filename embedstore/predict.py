@@ -19,8 +19,9 @@ from embedstore.backbones import Backbone
 from embedstore.backbones.reference import (BackboneNotFound, BackboneRef,
                                             check_same_backbone, load_resolved)
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME
+from embedstore.calibration import apply_temperature
 from embedstore.headdir import (MANIFEST, HeadManifest, load_head, read_manifest,
-                                resolve_head_backbone)
+                                resolve_head_backbone, temperature_of)
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import SourceError, is_image_name, scan
 from embedstore.store import open_store
@@ -71,10 +72,14 @@ def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, obje
 def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
             backbone: Backbone | str | None = None,
-            runtime: str = DEFAULT_RUNTIME) -> list[dict]:
+            runtime: str = DEFAULT_RUNTIME, unknown_below: float | None = None) -> list[dict]:
     """One dict per file, in input order: path, label, probability, top_k, cached; or path,
     error. `paths` are what `extract` takes: images, folders, text files of image
     paths. What folders left out (links leading out of them) follows, as errors.
+
+    Probabilities are calibrated with the temperature `train` fitted, if any.
+    unknown_below: a top probability below this answers "none of these":
+    label None and "unknown": True (every result then says "unknown").
 
     backbone: a built Backbone, or the name the user gave (required for a head
     trained on a hub: SavedModel, see backbones.reference). runtime: where a backbone
@@ -82,6 +87,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
     """
     manifest = read_manifest(head_dir)
     head = load_head(head_dir)
+    temperature = temperature_of(manifest, Path(head_dir) / MANIFEST)
     classes = manifest.classes
     files, skipped = expand_paths([str(p) for p in paths])
     if not files:
@@ -110,12 +116,17 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         if not vectors:
             return
         order = sorted(vectors)
-        proba = head.predict_proba(np.stack([vectors.pop(i) for i in order]))
+        proba = apply_temperature(head.predict_proba(np.stack([vectors.pop(i) for i in order])),
+                                  temperature)
         for i, p in zip(order, proba):
             best = np.argsort(-p)[:k]
             results[i].update(label=classes[best[0]], probability=float(p[best[0]]),
                               top_k=[{"label": classes[j], "probability": float(p[j])}
                                      for j in best])
+            if unknown_below is not None:
+                results[i]["unknown"] = bool(p[best[0]] < unknown_below)
+                if results[i]["unknown"]:
+                    results[i]["label"] = None
 
     def embed_pending() -> None:
         nonlocal built

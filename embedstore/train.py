@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedstore.calibration import CALIBRATED_HEADS, calibrate
 from embedstore.evaluate import classification_metrics, top_k_key
 from embedstore.headdir import HeadManifest, versions, write_head_dir
 from embedstore.heads import DenseHead, make_head
@@ -69,6 +70,9 @@ def train(store: str | Path, out_dir: str | Path, head: str = "logreg",
     """Train one head on STORE and write the head directory OUT_DIR; returns the metrics."""
     split = load_split(store, val_fraction, seed)
     model, metrics = fit_and_score(split, head, params)
+    calibration = _calibrate(model, head, split)
+    if calibration:
+        metrics["calibration"] = calibration
     manifest = HeadManifest(
         head=head, params=model.get_params(),
         classes=[split.classes[c] for c in model.classes_], backbone=split.backbone,
@@ -76,9 +80,19 @@ def train(store: str | Path, out_dir: str | Path, head: str = "logreg",
         split={"seed": seed, "val_fraction": val_fraction, "method": "sha256(seed:content)"},
         n_train=metrics["n_train"], n_val=metrics["n_val"],
         duplicates_across_classes=split.duplicates,
+        calibration={k: calibration[k] for k in ("method", "temperature")} if calibration else {},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions())
     write_head_dir(out_dir, model, manifest, metrics, overwrite=overwrite)
     return {**metrics, "duplicates_across_classes": len(split.duplicates)}
+
+
+def _calibrate(model, head: str, split: Split) -> dict:
+    """Temperature scaling on the validation split (logreg and dense heads), with the
+    expected calibration error before and after; {} when there is nothing to fit on."""
+    if head not in CALIBRATED_HEADS or len(split.y_val) < 4:
+        return {}
+    y = np.searchsorted(model.classes_, split.y_val)
+    return calibrate(model.predict_proba(split.X_val), y, seed=split.seed)
 
 
 def grid(head: str, options: dict[str, list]) -> list[tuple[str, dict]]:
