@@ -1,10 +1,10 @@
 """Know your data, measured: near-duplicate thresholds, audit at 70k, label errors,
 calibration and open-set rejection.
 
-    python bench/bench_audit.py duplicates            # thresholds: re-encoded / resized copies
-    python bench/bench_audit.py audit STORE           # time and peak RSS of one audit
-    python bench/bench_audit.py labels STORE --flip 0.01 [--draws 1]
-    python bench/bench_audit.py calibration STORE [--per-class 1000]
+    python -m bench.bench_audit duplicates            # thresholds: re-encoded / resized copies
+    python -m bench.bench_audit audit STORE           # time and peak RSS of one audit
+    python -m bench.bench_audit labels STORE --flip 0.01 [--draws 1]
+    python -m bench.bench_audit calibration STORE [--per-class 1000]
 
 duplicates: the bundled sample's 300 images and 19 scikit-image photos,
 embedded with the default backbone, against copies of each (JPEG q50 and
@@ -33,15 +33,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO, report, run_child, table  # noqa: E402
+from bench.common import REPO, report, run_child, table
 
 SKIMAGE = ["astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
            "immunohistochemistry", "page", "text", "retina", "moon", "horse", "coins", "clock",

@@ -1,6 +1,6 @@
 """`similar` at scale: exact blockwise cosine search over 10^6 simulated rows.
 
-    python bench/bench_similar.py [--rows 1000000] [--dir /tmp/es-similar] [--keep]
+    python -m bench.bench_similar [--rows 1000000] [--dir /tmp/es-similar] [--keep]
 
 Synthetic 1280-d float32 vectors (100 Gaussian clusters, so neighbours are not
 ties) go through the real StoreWriter in commits of 50k rows. Then, in a fresh
@@ -17,13 +17,11 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import report, run_child, table  # noqa: E402
+from bench.common import report, run_child, table
 
 DIM = 1280
 COMMIT_ROWS = 50_000

@@ -11,6 +11,7 @@ import click
 from embedstore.engines import ENGINES
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
 
+
 class _RegistryChoice(click.Choice):
     """click.Choice over a registry that is imported only when a value is checked."""
 
@@ -287,7 +288,8 @@ def _print_info(store, info: dict) -> None:
     bb = info["backbone"]
     click.echo(f"store       {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, "
                f"format v{info['format_version']}, {info['shards']} shards)")
-    click.echo(f"backbone    {bb['name']} (fingerprint {bb['fingerprint'][:16]}, dim {info['dim']})")
+    click.echo(f"backbone    {bb['name']} (fingerprint {bb['fingerprint'][:16]}, "
+               f"dim {info['dim']})")
     click.echo(f"rows        {info['rows']} ({info['images']} distinct images, "
                f"{info['unlabelled']} unlabelled)")
     click.echo(f"failures    {info['failures']}")
@@ -536,7 +538,8 @@ def _show_params(params: dict) -> str:
 @click.option("--head", default="logreg", show_default=True, type=_RegistryChoice(_head_names),
               help="logreg: standardise + multinomial logistic regression; dense: a Keras "
                    "head; knn: cosine nearest neighbours.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation (by content hash: stable).")
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
 @head_options(multi=False)

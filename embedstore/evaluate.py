@@ -6,8 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,
-                             f1_score, top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    top_k_accuracy_score,
+)
 
 TOP_K = 5
 

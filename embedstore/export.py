@@ -37,8 +37,14 @@ from keras import ops
 from embedstore.atomic import replacing_dir
 from embedstore.backbones.layers import Preprocess
 from embedstore.export_formats import FORMATS, MODEL_FILES
-from embedstore.headdir import (MANIFEST, HeadManifest, load_head, load_head_backbone,
-                                read_manifest, temperature_of)
+from embedstore.headdir import (
+    MANIFEST,
+    HeadManifest,
+    load_head,
+    load_head_backbone,
+    read_manifest,
+    temperature_of,
+)
 from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.pipeline import min_decode_side, resize_for_backbone
 from embedstore.quiet import native_output_silenced

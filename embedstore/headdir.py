@@ -29,8 +29,13 @@ import numpy as np
 
 from embedstore.atomic import replacing_dir
 from embedstore.backbones import SAVED_BACKBONE_FILE, Backbone, BackboneError
-from embedstore.backbones.reference import (BackboneRef, Resolved, load_keras_safely,
-                                            load_resolved, resolve)
+from embedstore.backbones.reference import (
+    BackboneRef,
+    Resolved,
+    load_keras_safely,
+    load_resolved,
+    resolve,
+)
 from embedstore.heads import HEADS, EmbeddingHead, head_kind
 
 MANIFEST = "manifest.json"

@@ -16,12 +16,22 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.backbones import Backbone
-from embedstore.backbones.reference import (BackboneNotFound, BackboneRef,
-                                            check_same_backbone, load_resolved)
+from embedstore.backbones.reference import (
+    BackboneNotFound,
+    BackboneRef,
+    check_same_backbone,
+    load_resolved,
+)
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME
 from embedstore.calibration import apply_temperature
-from embedstore.headdir import (MANIFEST, HeadManifest, load_head, read_manifest,
-                                resolve_head_backbone, temperature_of)
+from embedstore.headdir import (
+    MANIFEST,
+    HeadManifest,
+    load_head,
+    read_manifest,
+    resolve_head_backbone,
+    temperature_of,
+)
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import SourceError, is_image_name, scan
 from embedstore.store import open_store

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.backbones.reference import BackboneRef, load_referenced
+from embedstore.backbones.reference import BackboneRef, load_resolved, resolve
 from embedstore.backbones.runtimes import DEFAULT_RUNTIME
 from embedstore.pipeline import Resizer, stream
 from embedstore.store import open_store
@@ -118,7 +118,7 @@ def _query_vectors(reader, store, queries, paths, runtime, backbone):
                 sources[i] = "embedded"
                 pending.append((i, item.image))
         if pending:
-            backbone = backbone or load_referenced(ref, None, store, runtime)
+            backbone = backbone or load_resolved(resolve(ref, None, store), runtime)
             for (i, _), e in zip(pending, backbone.embed([im for _, im in pending])):
                 vectors[i] = e
     known = [i for i in range(len(queries)) if vectors[i] is None]

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.calibration import (apply_temperature, calibrate, expected_calibration_error,
-                                    fit_temperature)
+from embedstore.calibration import (
+    apply_temperature,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+)
 from embedstore.extract import extract
 from embedstore.headdir import HeadDirError, read_manifest
 from embedstore.heads import DenseHead, LogRegHead
