@@ -76,7 +76,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
             if interrupted:
                 raise KeyboardInterrupt
 
-        spec.loader.exec_module = exec_module
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 

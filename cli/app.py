@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import click
 
@@ -20,7 +22,7 @@ class _RegistryChoice(click.Choice):
         self.case_sensitive = True
 
     @property
-    def choices(self):
+    def choices(self):  # type: ignore[override]
         return tuple(self._load())
 
 
@@ -28,8 +30,9 @@ class _RuntimeOption(click.Option):
     """--runtime, its choices and help read from the runtime registry when used."""
 
     def __init__(self, *args, extract: bool = False, **kwargs):
-        super().__init__(*args, type=_RegistryChoice(lambda: _runtime_choices(extract)),
-                         default="auto", show_default=True, metavar="RUNTIME", **kwargs)
+        kwargs.update(type=_RegistryChoice(lambda: _runtime_choices(extract)), default="auto",
+                      show_default=True, metavar="RUNTIME")
+        super().__init__(*args, **kwargs)
         self.extract = extract
 
     def get_help_record(self, ctx):
@@ -284,7 +287,7 @@ def info_cmd(store, as_json, show_failures, check) -> None:
         sys.exit(1)
 
 
-def _print_info(store, info: dict) -> None:
+def _print_info(store, info: Mapping) -> None:
     bb = info["backbone"]
     click.echo(f"store       {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, "
                f"format v{info['format_version']}, {info['shards']} shards)")
@@ -507,7 +510,7 @@ def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
         if raw is None:
             continue
         flag = PARAM_FLAGS[dest]
-        parse = HEAD_FLAGS[flag][1]
+        parse: Callable[[str], Any] = HEAD_FLAGS[flag][1]  # type: ignore[assignment]
         heads = _heads_taking(dest)
         if head not in heads:
             if multi:

@@ -21,6 +21,7 @@ candidates, then re-score them on the full vectors.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,14 +119,14 @@ def near_duplicate_pairs(sims: np.ndarray, rows: np.ndarray, threshold: float = 
     """(i, j, cosine) pairs, i < j, from each row's neighbours best first (row i of
     `sims`/`rows` belongs to row i; rows of one `content` count as one)."""
     content = np.arange(len(rows)) if content is None else content
-    pairs = {}
+    pairs: dict[tuple[int, int], float] = {}
     for i in range(len(rows)):
         for s, j in zip(sims[i], rows[i]):
             if j >= 0 and s >= threshold:
-                pairs[(min(i, j), max(i, j))] = float(s)
+                pairs[(min(i, int(j)), max(i, int(j)))] = float(s)
     lead = sims[:, 0] - (sims[:, 1] if sims.shape[1] > 1 else -np.inf)
-    for i in np.flatnonzero(sims[:, 0] >= mutual_threshold):
-        j = rows[i, 0]
+    for i in np.flatnonzero(sims[:, 0] >= mutual_threshold).tolist():
+        j = int(rows[i, 0])
         if content[rows[j, 0]] == content[i] and min(lead[i], lead[j]) >= gap:
             pairs.setdefault((min(i, j), max(i, j)), float(sims[i, 0]))
     return [(i, j, s) for (i, j), s in sorted(pairs.items())]
@@ -232,7 +233,7 @@ def _duplicate_groups(group_of, paths, sha, labels, classes, split, X) -> list[d
         exact = len(set(sha[members])) == 1
         V = X[members]
         min_cos = float(np.min(V @ V.T))
-        g = {"exact": exact, "across_classes": len(names) > 1,
+        g: dict[str, Any] = {"exact": exact, "across_classes": len(names) > 1,
              "across_split": splits == {"train", "validation"}, "min_cosine": round(min_cos, 4),
              "classes": names,
              "members": [{"row": int(m), "path": paths[m], "split": split[m],

@@ -20,8 +20,8 @@ MAP_ROWS = 5000  # t-SNE / UMAP on a sample: 70k points would take minutes
 
 def _thumbnail(path: Path) -> np.ndarray | None:
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             return np.asarray(im)
     except (OSError, ValueError):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -33,7 +34,7 @@ def classification_metrics(y_true, proba, classes: list[str]) -> dict:
     y_pred = np.argmax(proba, axis=1)
     report = classification_report(y_true, y_pred, labels=labels, target_names=classes,
                                    output_dict=True, zero_division=0)
-    out = {
+    out: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",

@@ -185,7 +185,7 @@ def _write_state(directory: Path, state: dict, writing=lambda name: None) -> lis
         else:
             values[name] = encode_params({"v": value})["v"]
     writing(STATE_ARRAYS)
-    np.savez(directory / STATE_ARRAYS, **arrays)
+    np.savez(directory / STATE_ARRAYS, **arrays)  # type: ignore[arg-type]
     writing(STATE_VALUES)
     _write_json(directory / STATE_VALUES, values)
     return [STATE_ARRAYS, STATE_VALUES, *files]

@@ -34,7 +34,7 @@ from embedstore.headdir import (
 )
 from embedstore.pipeline import Resizer, stream
 from embedstore.sources import SourceError, is_image_name, scan
-from embedstore.store import open_store
+from embedstore.store import Reader, open_store
 
 
 class PredictError(ValueError):
@@ -66,7 +66,7 @@ def expand_paths(paths: list[str]) -> tuple[list[str], list[dict]]:
     return files, skipped
 
 
-def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, object]:
+def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, Reader]:
     """sha256 -> embedding row, for the originals (view 0) in STORE."""
     reader = open_store(store)
     try:
@@ -112,8 +112,10 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         resolved = None if built else resolve_head_backbone(head_dir, named, manifest)
     except BackboneNotFound as exc:
         missing = exc
-    cached_rows, reader = (({}, None) if store is None
-                           else _cached_vectors(store, manifest, head_dir))
+    cached_rows: dict = {}
+    reader: Reader | None = None
+    if store is not None:
+        cached_rows, reader = _cached_vectors(store, manifest, head_dir)
     resizer = Resizer(manifest.backbone.input_size, manifest.backbone.crop_fraction)
     results: list[dict] = [{} for _ in files]
     vectors: dict[int, np.ndarray] = {}
@@ -142,7 +144,9 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
         nonlocal built
         if built is None and missing is not None:
             raise missing
-        built = built or load_resolved(resolved, runtime)  # loaded only when needed
+        if built is None:  # loaded only when needed
+            assert resolved is not None  # resolved unless built or missing
+            built = load_resolved(resolved, runtime)
         emb = built.embed([it.image for it in pending])
         vectors.update({it.index: e for it, e in zip(pending, emb)})
         pending.clear()
@@ -153,7 +157,8 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             path = files[item.index]
             if item.error is not None:
                 results[item.index] = {"path": path, "error": item.error}
-            elif item.image is None:
+            elif item.image is None:  # known content: only a store makes that
+                assert reader is not None
                 vectors[item.index] = reader.embeddings([cached_rows[item.sha256]])[0]
                 results[item.index] = {"path": path, "cached": True}
                 if len(vectors) >= 4096:

@@ -15,13 +15,13 @@ import numpy as np
 from embedstore.calibration import CALIBRATED_HEADS, calibrate
 from embedstore.evaluate import classification_metrics, top_k_key
 from embedstore.headdir import HeadManifest, versions, write_head_dir
-from embedstore.heads import DenseHead, make_head
+from embedstore.heads import DenseHead, EmbeddingHead, make_head
 from embedstore.splits import Split, load_split
 
 TRAIN_SCORE_ROWS = 10_000
 
 
-def fit_and_score(split: Split, head: str, params: dict) -> tuple[object, dict]:
+def fit_and_score(split: Split, head: str, params: dict) -> tuple[EmbeddingHead, dict]:
     """Fit one head on the split's training rows; metrics on its validation rows."""
     model = make_head(head, **params)
     start = time.perf_counter()
