@@ -53,7 +53,7 @@ def expand_paths(paths: list[str]) -> tuple[list[str], list[dict]]:
             files.append(p)
             continue
         try:
-            source = scan(p)
+            source = scan(p, utf8_names=False)  # no store: any name can be predicted
         except SourceError as exc:
             if os.path.isdir(p):  # no images in it, or it cannot be listed
                 skipped.append({"path": p, "error": str(exc)})

@@ -76,7 +76,9 @@ def similar(store: str | Path, queries: list[str], k: int = 10, chunk_rows: int 
         paths, labels, classes = reader.paths, reader.labels, reader.classes
         vectors, sources, own_rows = _query_vectors(reader, store, queries, paths, runtime,
                                                     backbone)
-        sims, rows = top_k(normalise(vectors), reader.iter_embeddings(chunk_rows), k + 1)
+        # views into the store's memory map, never copies: one pass over the page cache
+        sims, rows = top_k(normalise(vectors), reader.iter_embeddings(chunk_rows, copy=False),
+                           k + 1)
     out = []
     for q, src, own, s_row, r_row in zip(queries, sources, own_rows, sims, rows):
         keep = [(s, r) for s, r in zip(s_row, r_row) if r != own][:k]

@@ -114,14 +114,19 @@ def walk_images(top: str, follow_links: bool = False,
     return sorted(found)
 
 
-def scan(images: str | Path, follow_links: bool = False) -> Source:
-    """Read IMAGES as a class tree, a flat folder (unlabelled), one image or a file list."""
+def scan(images: str | Path, follow_links: bool = False, utf8_names: bool = True) -> Source:
+    """Read IMAGES as a class tree, a flat folder (unlabelled), one image or a file list.
+
+    With utf8_names (what a store needs: its paths are UTF-8 text), a file whose
+    name is not valid UTF-8 is left out and reported under its escaped name;
+    without (predict), it is listed like any other.
+    """
     images = str(images)
     if os.path.isfile(images):
         if is_image_name(os.path.basename(images)):
             root = os.path.dirname(os.path.abspath(images))
             name = os.path.basename(images)
-            if printable(name) != name:
+            if utf8_names and printable(name) != name:
                 return Source(root, [], False, (Skipped(printable(name), NOT_UTF8),))
             return Source(root, [ImageRef(name, images, None)], False)
         return _scan_list(images)
@@ -138,7 +143,7 @@ def scan(images: str | Path, follow_links: bool = False) -> Source:
     skipped: list[Skipped] = []
     for path in walk_images(images, follow_links, skipped):
         rel = Path(os.path.relpath(path, images)).as_posix()
-        if printable(rel) != rel:  # recorded as a failure, under its escaped name
+        if utf8_names and printable(rel) != rel:  # a failure, under its escaped name
             skipped.append(Skipped(printable(rel), NOT_UTF8))
             continue
         label = rel.split("/", 1)[0] if labelled else None

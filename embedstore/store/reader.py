@@ -184,10 +184,27 @@ class StoreReader:
             out[order[a:b]] = self._segments[k].embeddings(ordered[a:b] - self._starts[k])
         return out
 
-    def iter_embeddings(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, block) pairs, for stores larger than memory."""
-        for start in range(0, self.n_rows, chunk_rows):
-            yield start, self.embeddings(np.arange(start, min(start + chunk_rows, self.n_rows)))
+    def iter_embeddings(self, chunk_rows: int = 65536, copy: bool = True
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, block) pairs, for stores larger than memory.
+
+        copy=False yields, where a shard has no tombstones, read-only views into its
+        memory map instead of copies (valid while the reader is open): a scan over
+        every vector (similar) then reads the page cache once and copies nothing.
+        """
+        if copy:
+            for start in range(0, self.n_rows, chunk_rows):
+                yield start, self.embeddings(np.arange(start, min(start + chunk_rows,
+                                                                  self.n_rows)))
+            return
+        for k, segment in enumerate(self._segments):
+            first = int(self._starts[k])
+            for a in range(0, segment.n, chunk_rows):
+                b = min(a + chunk_rows, segment.n)
+                if segment.live is None and isinstance(segment.vectors, np.memmap):
+                    yield first + a, segment.vectors[a:b]
+                else:
+                    yield first + a, segment.embeddings(np.arange(a, b))
 
     # the rest ----------------------------------------------------------------------------
     def failures(self) -> list[dict]:
