@@ -636,7 +636,7 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
     from embedstore.evaluate import evaluate_head
 
     result = evaluate_head(head_dir, store, plots=not no_plots)
-    if result.get("near_duplicate_leaks"):
+    if result.get("near_duplicate_leaks") and not as_json:  # JSON has the count
         click.echo(f"warning: {result['near_duplicate_leaks']} validation images have a near "
                    "duplicate among the training images, which inflates these figures; "
                    "`embedstore audit` lists them", err=True)
