@@ -906,7 +906,9 @@ def similar_cmd(store, queries, k, as_json, runtime) -> None:
               type=click.FloatRange(-1, 1),
               help="... or when each is the other's nearest neighbour at this cosine or more, "
                    "with a lead of --gap over either one's next neighbour.")
-@click.option("--gap", default=0.03, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--gap", default=0.03, show_default=True, type=click.FloatRange(0, 2),
+              help="The lead over either image's next neighbour that --mutual-threshold "
+                   "needs.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, max_open=True),
               help="The split to check for leaks, as given to train.")
