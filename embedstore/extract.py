@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import cast
 
 from embedstore.backbones import Backbone
-from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, load_for_store
+from embedstore.backbones.runtimes import DEFAULT_RUNTIME, Preparation, get_runtime, load_for_store
 from embedstore.engines import ExtractionJob, JobState, get_engine
 from embedstore.lazy_backbone import recorded_lazily
 from embedstore.pipeline import DEFAULT_MAX_PIXELS
@@ -71,7 +71,9 @@ def extract(images: str | Path, store: str | Path, backbone: str | Backbone = "m
     source = scan(images, follow_links)
     if isinstance(backbone, str):  # the model loads at the first new image, if any
         backbone = cast(Backbone, (
-            engine == "local" and recorded_lazily(store, backbone, runtime, status)
+            # a runtime that prepares a model from the images (int8) decides for itself
+            engine == "local" and not get_runtime(runtime).extract_only
+            and recorded_lazily(store, backbone, runtime, status)
             or load_for_store(backbone, runtime, Preparation(
                 str(store), _recorded_backbone(Path(store)), layout(store).int8,
                 [r.path for r in source.images], str(source.root), max_pixels), say=status)))
