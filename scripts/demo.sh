@@ -15,4 +15,4 @@ $ES train "$OUT/sample.h5" "$OUT/logreg" --val-fraction 0.3 --overwrite
 $ES evaluate "$OUT/logreg"
 $ES predict "$OUT/logreg" "$SAMPLE/Bag/test-00018.png" "$SAMPLE/Sneaker/test-00009.png" \
     "$SAMPLE/Trouser/test-00002.png" --top-k 2
-$ES export "$OUT/logreg" "$OUT/exported"
+$ES export "$OUT/logreg" "$OUT/exported" --overwrite
