@@ -43,7 +43,7 @@ def acquire_lock(path: Path, store: str | Path) -> int:
             os.close(fd)
             raise StoreError(f"{store} is being written by another process (pid {holder}); "
                              "wait for it to finish (readers can keep reading)") from None
-        if _names_inode(path, fd):
+        if names_inode(path, fd):
             break
         os.close(fd)  # we locked a file a releasing writer had just unlinked: try again
     os.ftruncate(fd, 0)
@@ -59,7 +59,8 @@ def release_lock(fd: int, path: Path) -> None:
         os.close(fd)
 
 
-def _names_inode(path: Path, fd: int) -> bool:
+def names_inode(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file `fd` holds open."""
     try:
         on_disk = os.stat(path)
     except FileNotFoundError:

@@ -15,6 +15,7 @@ once by folding; big, untouched shards are never rewritten.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -50,7 +51,7 @@ from embedstore.store._layout import (
     is_regular_file,
     store_root,
 )
-from embedstore.store._lock import acquire_lock, release_lock
+from embedstore.store._lock import acquire_lock, names_inode, release_lock
 from embedstore.store._rowindex import ROW_BITS, ROW_MASK, RowIndex
 from embedstore.store._shard import ShardRows, file_sha256, write_shard
 from embedstore.store.backends import CompactResult
@@ -650,7 +651,7 @@ def upgrade_legacy(root: Path, backbone: dict, shown: Path) -> bool:
     fd = _lock_file(root, shown) if not parts_only else None
     try:
         if fd is not None:
-            if not _names(root, fd):
+            if not names_inode(root, fd):
                 return False  # another writer upgraded it while we waited
             _finish_interrupted_upgrade(root)  # under the flock: leftovers of killed runs
         theirs = _legacy_backbone(legacy)
@@ -715,15 +716,6 @@ def _format_version(index: Path) -> int:
         return int(f.attrs.get("format_version", 1))
 
 
-def _names(path: Path, fd: int) -> bool:
-    try:
-        on_disk = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -762,7 +754,7 @@ def _finish_interrupted_upgrade(root: Path) -> None:
     at `.NAME.legacy-PID` and the finished directory at `.NAME.upgrade-PID`: put the
     directory in place. Other leftovers of killed upgrades are removed. Called only where
     no other upgrade of ROOT can be running."""
-    leftovers = [p for p in root.parent.glob(f".{glob_escape(root.name)}.*")
+    leftovers = [p for p in root.parent.glob(f".{glob.escape(root.name)}.*")
                  if re.fullmatch(rf"\.{re.escape(root.name)}\.(upgrade|legacy)-\d+", p.name)]
     if not leftovers:
         return
@@ -774,9 +766,3 @@ def _finish_interrupted_upgrade(root: Path) -> None:
     if root.exists():
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
