@@ -205,8 +205,8 @@ def bench_labels(store: str, flip: float, draws: int) -> None:
 def bench_calibration(store: str, per_class: int) -> None:
     from sklearn.metrics import roc_auc_score
 
+    from embedstore import LogRegHead
     from embedstore.calibration import apply_temperature, calibrate
-    from embedstore.heads import LogRegHead
     from embedstore.splits import load_split
     from embedstore.train import train
 

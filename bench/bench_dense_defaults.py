@@ -37,7 +37,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score, train_test_split
 
 from bench.common import REPO, report, table
-from embedstore.heads import DenseHead, LogRegHead
+from embedstore import DenseHead, LogRegHead
 from embedstore.store import open_store
 
 PHOTO_CLASSES, CROPS_PER_CLASS = 6, 26

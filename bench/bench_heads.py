@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report, table
-from embedstore.heads import DenseHead, KNNHead, LogRegHead
+from embedstore import DenseHead, KNNHead, LogRegHead
 from embedstore.store import copy_rows, open_store
 
 DENSE = dict(hidden=(256,), dropout=0.2, epochs=20, early_stopping=False)  # head defaults otherwise

@@ -24,9 +24,9 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 
 from bench.common import REPO, report, table
+from embedstore import LogRegHead
 from embedstore.backbones import int8
 from embedstore.extract import extract
-from embedstore.heads import LogRegHead
 from embedstore.store import open_store
 
 

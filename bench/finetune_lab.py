@@ -96,7 +96,7 @@ def _head(kind: str, embedding, X, y, C: float):
     import keras
     from sklearn.linear_model import LogisticRegression
 
-    from embedstore.heads import LogRegHead
+    from embedstore import LogRegHead
 
     layer = keras.layers.Dense(10, activation="softmax", name="head")
     out = layer(embedding)
@@ -141,8 +141,8 @@ def run(a) -> None:
     import keras
     import tensorflow as tf
 
+    from embedstore import LogRegHead
     from embedstore.finetune import _recalibrate_batchnorm
-    from embedstore.heads import LogRegHead
 
     w, rows = a.work, slice(a.offset, a.offset + a.n)
     X, y, E = (np.asarray(np.load(w / f"train_{k}.npy", mmap_mode="r")[rows])

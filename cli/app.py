@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import click
 
@@ -362,123 +360,54 @@ def merge_cmd(stores, out, as_json) -> None:
 
 
 # --- heads: train / sweep / evaluate -------------------------------------------------
-# The head options come from the heads themselves: which heads take an option, its
-# default and its choices are read from the constructors and their parameter
-# constraints, so help, errors and code cannot drift apart.
+# The head options come from the heads themselves (embedstore.heads): each head lists
+# its flags, and which heads take one, its defaults and its choices are read from the
+# constructors and parameter constraints, so help, errors and code cannot drift apart.
 
-def _float_or_auto(text: str):
-    return text if text == "auto" else float(text)
-
-
-def _int_or_auto(text: str):
-    return text if text == "auto" else int(text)
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    """"256" -> (256,); "512x128" -> (512, 128); "0" or "none" -> ()."""
-    if text.lower() in ("", "0", "none"):
-        return ()
-    return tuple(int(t) for t in text.lower().split("x"))
-
-
-def _show_hidden(sizes) -> str:
-    return "x".join(str(s) for s in sizes) if sizes else "0"
-
-
-def _class_weight(text: str):
-    return None if text == "none" else text
-
-
-def _on_off_auto(text: str):
-    if text.lower() == "auto":
-        return "auto"
-    if text.lower() in ("on", "true", "yes", "1"):
-        return True
-    if text.lower() in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(text)
-
-
-# flag -> (head parameter, parser, what it is)
-HEAD_FLAGS = {
-    "--C": ("C", _float_or_auto, "inverse regularisation strength, or 'auto' to choose it "
-                                 "by cross-validation"),
-    "--max-iter": ("max_iter", int, "L-BFGS iteration budget"),
-    "--class-weight": ("class_weight", _class_weight, "'balanced' or 'none'"),
-    "--hidden": ("hidden", _hidden, "hidden layer sizes, e.g. 256 or 512x128; 0 for none"),
-    "--dropout": ("dropout", float, "dropout rate"),
-    "--label-smoothing": ("label_smoothing", float, "label smoothing"),
-    "--optimizer": ("optimizer", str, "optimizer"),
-    "--learning-rate": ("learning_rate", float, "learning rate"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--epochs": ("epochs", int, "most epochs"),
-    "--head-batch-size": ("batch_size", _int_or_auto, "training batch size, or auto: "
-                                                      "min(512, max(32, rows/100))"),
-    "--early-stopping": ("early_stopping", _on_off_auto,
-                         "on, off or auto: stop when the loss on a hold-out of the training "
-                         "rows stops improving; auto = on above 10,000 training rows"),
-    "--patience": ("patience", int, "early-stopping patience in epochs"),
-    "--k": ("k", int, "neighbours"),
-    "--weights": ("weights", str, "neighbour votes"),
-}
-PARAM_FLAGS = {param: flag for flag, (param, _, _) in HEAD_FLAGS.items()}
-HEAD_METAVARS = {"--C": "FLOAT|auto", "--max-iter": "INTEGER", "--class-weight": "balanced|none",
-                 "--hidden": "SIZES", "--dropout": "FLOAT", "--label-smoothing": "FLOAT",
-                 "--optimizer": "adam|sgd", "--learning-rate": "FLOAT", "--momentum": "FLOAT",
-                 "--epochs": "INTEGER", "--head-batch-size": "INTEGER|auto",
-                 "--early-stopping": "on|off|auto", "--patience": "INTEGER",
-                 "--k": "INTEGER", "--weights": "uniform|distance"}
-
-
-def _heads_taking(param: str) -> dict[str, object]:
-    """head name -> constructor default, for every head with this parameter."""
-    from embedstore.heads import HEADS
-
-    out = {}
-    for kind, cls in HEADS.items():
-        p = inspect.signature(cls.__init__).parameters.get(param)
-        if p is not None:
-            out[kind] = p.default
-    return out
-
-
-def _choices(param: str) -> list[str]:
-    """The allowed strings of a parameter that takes nothing but strings."""
-    from embedstore.heads import param_choices
-
-    return param_choices(param)
-
-
-def _show_default(param: str, value) -> str:
-    if param == "hidden":
-        return _show_hidden(value)
-    if param == "early_stopping":
-        return value if isinstance(value, str) else ("on" if value else "off")
-    return "none" if value is None else str(value)
-
-
-def _flag_help(flag: str, multi: bool) -> str:
-    param, _, text = HEAD_FLAGS[flag]
-    heads = _heads_taking(param)
-    defaults = {_show_default(param, d) for d in heads.values()}
-    where = "all heads" if len(heads) == 3 else "/".join(heads)
-    choices = _choices(param)
-    return (f"{where}: {text}" + (f" ({' or '.join(choices)})" if choices else "")
-            + f" [default: {', '.join(sorted(defaults))}]"
-            + (" (comma list)" if multi else "") + ".")
-
-
-class _HeadOption(click.Option):
-    """Its help is read from the heads when --help is shown, so importing the CLI does
-    not import scikit-learn (info and compact stay instant)."""
+class _HeadCommand(click.Command):
+    """train and sweep: --head's help and the heads' hyper-parameter options are read from
+    the head registry when the command parses or shows help, so importing the CLI imports
+    no scikit-learn (info and compact stay instant). With multi (sweep), each option takes
+    a comma list."""
 
     def __init__(self, *args, multi: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.multi = multi
+        self.own_params = list(self.params)
+        self.read_from: tuple[str, ...] = ()  # the registry the options were read from
 
-    def get_help_record(self, ctx):
-        self.help = _flag_help(self.opts[0], self.multi)
-        return super().get_help_record(ctx)
+    def get_params(self, ctx):
+        from embedstore.heads import HEADS
+
+        if tuple(HEADS) != self.read_from:  # once per process (tests swap registries)
+            self.read_from = tuple(HEADS)
+            self._read_heads()
+        return super().get_params(ctx)
+
+    def _read_heads(self) -> None:
+        from embedstore.heads import HEADS, head_options
+
+        head = next(p for p in self.own_params if p.name in ("head", "heads"))
+        kinds = "; ".join(f"{name}: {cls.summary}" for name, cls in HEADS.items())
+        head.help = (f"Head type to include; repeat for several [default: all]. {kinds}."
+                     if self.multi else f"{kinds}.")
+        options = [click.Option([o.flag, o.param], default=None, help=_flag_help(o, self.multi),
+                                metavar=f"{o.metavar}[,...]" if self.multi else o.metavar)
+                   for o in head_options().values()]
+        at = [p.name for p in self.own_params].index("seed") + 1  # after the split's options
+        self.params = self.own_params[:at] + options + self.own_params[at:]
+
+
+def _flag_help(option, multi: bool) -> str:
+    from embedstore.heads import HEADS, heads_taking, param_choices
+
+    heads = heads_taking(option.param)
+    defaults = {option.show(d) for d in heads.values()}
+    where = "all heads" if len(heads) == len(HEADS) else "/".join(heads)
+    choices = param_choices(option.param)
+    return (f"{where}: {option.help}" + (f" ({' or '.join(choices)})" if choices else "")
+            + f" [default: {', '.join(sorted(defaults))}]"
+            + (" (comma list)" if multi else "") + ".")
 
 
 def _head_names():
@@ -487,65 +416,58 @@ def _head_names():
     return HEADS
 
 
-def head_options(multi: bool):
-    """The head hyper-parameter options; with multi, each takes a comma list (sweep)."""
+def _options_by_param() -> dict:
+    from embedstore.heads import head_options
 
-    def decorate(f):
-        for flag in reversed(list(HEAD_FLAGS)):
-            metavar = HEAD_METAVARS[flag]
-            f = click.option(flag, HEAD_FLAGS[flag][0], cls=_HeadOption, multi=multi,
-                             default=None, metavar=f"{metavar}[,...]" if multi else metavar)(f)
-        return f
-
-    return decorate
+    return {o.param: o for o in head_options().values()}
 
 
 def parse_head_params(head: str, given: dict, multi: bool = False) -> dict:
     """Turn the given options into head parameters; refuse ones that do not apply and
     values the head would refuse, naming the option."""
-    from embedstore.heads import validate_head_params
+    from embedstore.heads import heads_taking, validate_head_params
 
+    options = _options_by_param()
     params = {}
     for dest, raw in given.items():
         if raw is None:
             continue
-        flag = PARAM_FLAGS[dest]
-        parse: Callable[[str], Any] = HEAD_FLAGS[flag][1]  # type: ignore[assignment]
-        heads = _heads_taking(dest)
+        option = options[dest]
+        heads = heads_taking(dest)
         if head not in heads:
             if multi:
                 continue  # a sweep option for another head in the same sweep
-            raise click.UsageError(f"{flag} applies to the {'/'.join(heads)} head, not {head}")
+            raise click.UsageError(f"{option.flag} applies to the {'/'.join(heads)} head, "
+                                   f"not {head}")
         try:
-            values = [parse(v.strip()) for v in raw.split(",")] if multi else [parse(raw)]
+            values = ([option.parse(v.strip()) for v in raw.split(",")] if multi
+                      else [option.parse(raw)])
         except ValueError:
-            raise click.UsageError(f"{flag}: cannot read {raw!r} ({_flag_help(flag, multi)})") \
-                from None
+            raise click.UsageError(f"{option.flag}: cannot read {raw!r} "
+                                   f"({_flag_help(option, multi)})") from None
         for value in values:
             try:
                 validate_head_params(head, {dest: value})
             except ValueError as exc:  # scikit-learn's InvalidParameterError is one
-                raise click.UsageError(f"{flag} {raw}: {exc}") from None
+                raise click.UsageError(f"{option.flag} {raw}: {exc}") from None
         params[dest] = values if multi else values[0]
     return params
 
 
 def _show_params(params: dict) -> str:
-    shown = {k: _show_default(k, v) for k, v in params.items()}
-    return ", ".join(f"{PARAM_FLAGS.get(k, k).lstrip('-')}={v}" for k, v in shown.items())
+    options = _options_by_param()
+    return ", ".join(f"{options[k].flag.lstrip('-')}={options[k].show(v)}" if k in options
+                     else f"{k}={v}" for k, v in params.items())
 
 
-@cli.command("train")
+@cli.command("train", cls=_HeadCommand)
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--head", default="logreg", show_default=True, type=_RegistryChoice(_head_names),
-              help="logreg: standardise + multinomial logistic regression; dense: a Keras "
-                   "head; knn: cosine nearest neighbours.")
+@click.option("--head", default="logreg", show_default=True, type=_RegistryChoice(_head_names))
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation (by content hash: stable).")
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
-@head_options(multi=False)
 @click.option("--overwrite", is_flag=True, help="Replace a head already in OUT_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
 def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **options) -> None:
@@ -577,16 +499,14 @@ def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **op
                    f"or more classes (see {out_dir}/manifest.json)", err=True)
 
 
-@cli.command("sweep")
+@cli.command("sweep", cls=_HeadCommand, multi=True)
 @click.argument("store", type=click.Path(exists=True))
-@click.option("--head", "heads", multiple=True, type=_RegistryChoice(_head_names),
-              help="Head type to include; repeat for several [default: logreg, dense, knn].")
+@click.option("--head", "heads", multiple=True, type=_RegistryChoice(_head_names))
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation (by content hash: stable); every "
                    "candidate is scored on the same split.")
 @click.option("--seed", default=0, show_default=True, help="Split seed.")
-@head_options(multi=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
     """Train many heads / hyper-parameters on one STORE; print a leaderboard.
@@ -599,7 +519,7 @@ def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
     from embedstore.train import grid, sweep
 
     candidates = []
-    for head in heads or ("logreg", "dense", "knn"):
+    for head in heads or _head_names():
         candidates += grid(head, parse_head_params(head, options, multi=True))
 
     def on_result(m):
@@ -643,11 +563,10 @@ def evaluate_cmd(head_dir, store, as_json, min_accuracy, no_plots) -> None:
     if as_json:
         _json_out(result)
     else:
-        topk = next((k for k in result if k.startswith("top")), None)
         click.echo(f"{result['source']}: {result['n']} images")
         click.echo(f"accuracy {result['accuracy']:.4f}  "
-                   + (f"top-{topk.removeprefix('top').split('_')[0]} accuracy "
-                      f"{result[topk]:.4f}  " if topk else "")
+                   + (f"top-5 accuracy {result['top5_accuracy']:.4f}  "
+                      if "top5_accuracy" in result else "")
                    + f"macro F1 {result['macro_f1']:.4f}")
         click.echo(f"{'class':<24}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
         for name, m in result["per_class"].items():

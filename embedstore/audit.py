@@ -266,7 +266,7 @@ def out_of_fold_proba(X: np.ndarray, labels: np.ndarray, n_classes: int,
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from threadpoolctl import threadpool_limits
 
-    from embedstore.heads import LogRegHead
+    from embedstore.heads import make_head
 
     rows = np.flatnonzero(labels >= 0)
     counts = np.bincount(labels[rows], minlength=n_classes)
@@ -283,7 +283,7 @@ def out_of_fold_proba(X: np.ndarray, labels: np.ndarray, n_classes: int,
     # 7.8 s per fit with 2 threads under load, 0.19 s with one)
     with threadpool_limits(1 if len(rows) < EXACT_SEARCH_ROWS else None):
         Xr = X if len(rows) == len(X) else X[rows]  # no second copy when all are labelled
-        proba[:, present] = cross_val_predict(LogRegHead(), Xr, y, cv=cv,
+        proba[:, present] = cross_val_predict(make_head("logreg"), Xr, y, cv=cv,
                                               groups=groups[rows], method="predict_proba")
     return rows, proba
 

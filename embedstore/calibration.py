@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-CALIBRATED_HEADS = ("logreg", "dense")
 ECE_BINS = 15
 EPS = 1e-12
 

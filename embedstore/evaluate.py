@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import numpy as np
 from sklearn.metrics import (
@@ -15,15 +15,37 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-TOP_K = 5
+TOP_K = 5  # top5_accuracy: reported only with more classes, where it is not trivially 1
 
 
-def top_k_key(n_classes: int) -> str | None:
-    """The top-k metric's name, or None when k >= classes would make it trivially 1."""
-    return f"top{TOP_K}_accuracy" if n_classes > TOP_K else None
+class ClassMetrics(TypedDict):
+    precision: float
+    recall: float
+    f1: float
+    support: int
 
 
-def classification_metrics(y_true, proba, classes: list[str]) -> dict:
+class ClassificationMetrics(TypedDict):
+    """What classification_metrics returns (and evaluate prints as JSON)."""
+
+    n: int
+    accuracy: float
+    top5_accuracy: NotRequired[float]  # more than TOP_K classes only
+    macro_f1: float
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: list[list[int]]
+    classes: list[str]
+
+
+class Evaluation(ClassificationMetrics):
+    """What evaluate_head returns."""
+
+    source: str  # what was scored: a head's validation split, or a test store
+    near_duplicate_leaks: NotRequired[int]  # validation images with a copy in training
+    plots: NotRequired[list[str]]
+
+
+def classification_metrics(y_true, proba, classes: list[str]) -> ClassificationMetrics:
     """Accuracy, top-5 (more than 5 classes), macro F1, per-class precision/recall/F1/support,
     confusion matrix.
 
@@ -34,22 +56,19 @@ def classification_metrics(y_true, proba, classes: list[str]) -> dict:
     y_pred = np.argmax(proba, axis=1)
     report = classification_report(y_true, y_pred, labels=labels, target_names=classes,
                                    output_dict=True, zero_division=0)
-    out: dict[str, Any] = {
-        "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
-                                   zero_division=0)),
-    }
-    key = top_k_key(len(classes))
-    if key:
-        out[key] = float(top_k_accuracy_score(y_true, proba, k=TOP_K, labels=labels))
-    out.update({
-        "per_class": {c: {"precision": report[c]["precision"], "recall": report[c]["recall"],
-                          "f1": report[c]["f1-score"], "support": int(report[c]["support"])}
-                      for c in classes},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-        "classes": list(classes),
-    })
+    out = ClassificationMetrics(
+        n=int(len(y_true)),
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro",
+                                zero_division=0)),
+        per_class={c: ClassMetrics(precision=report[c]["precision"],
+                                   recall=report[c]["recall"], f1=report[c]["f1-score"],
+                                   support=int(report[c]["support"])) for c in classes},
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        classes=list(classes))
+    if len(classes) > TOP_K:
+        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=TOP_K,
+                                                          labels=labels))
     return out
 
 
@@ -118,12 +137,11 @@ class EvaluationError(ValueError):
 
 
 def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
-                  plots: bool = True) -> dict:
+                  plots: bool = True) -> Evaluation:
     """Metrics of a trained head on its validation split, or on every labelled row of STORE."""
     from embedstore.audit import split_leaks
     from embedstore.backbones.reference import BackboneRef, check_same_backbone
     from embedstore.headdir import MANIFEST, head_store, load_head, read_manifest
-    from embedstore.heads import DenseHead
     from embedstore.splits import load_split
     from embedstore.store import open_store
 
@@ -163,14 +181,16 @@ def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
         source = f"every labelled row of {store}"
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in y_names])
-    result = {"source": source, **classification_metrics(y, model.predict_proba(X), classes)}
+    result = Evaluation(source=source, **classification_metrics(y, model.predict_proba(X),
+                                                                classes))
     if store is None:
         result["near_duplicate_leaks"] = leaks["with_duplicate_in_training"]
     if plots:
         out = Path(head_dir)
         files = [plot_confusion_matrix(result["confusion_matrix"], classes,
                                        out / "confusion_matrix.png")]
-        if isinstance(model, DenseHead):
-            files += plot_training_curves(model.history_, out)
+        history = model.training_history()
+        if history:
+            files += plot_training_curves(history, out)
         result["plots"] = [str(p) for p in files]
     return result

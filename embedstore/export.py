@@ -6,13 +6,11 @@ the inputs and outputs are). Its backbone's preprocessing (embedstore's
 Preprocess layer) becomes a frozen standard Dense(3) on the channel axis, so
 the .keras file loads in a Python that never imports embedstore.
 
-The head becomes Keras layers on top of the backbone:
-  logreg  one Dense softmax layer with the standardisation folded in
-  dense   the trained Keras head itself
-  knn     a KNNVotes layer holding the normalised training vectors: the same
-          cosine top-k vote as the scikit-learn head, not an approximation (no
-          standard Keras layer takes a top-k, so knn exports as savedmodel or
-          tflite, not keras)
+The head becomes Keras layers on top of the backbone: each head gives its own
+(`EmbeddingHead.export_layer`): logreg one Dense softmax with the
+standardisation folded in, dense the trained Keras head itself, knn a layer
+computing the same cosine top-k vote. A head whose layer is not standard Keras
+(knn) exports as savedmodel or tflite, not keras.
 
 Formats (inside OUT/):
   savedmodel  OUT itself is the SavedModel (tf.saved_model.load(OUT)); signatures
@@ -32,7 +30,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import ops
 
 from embedstore.atomic import replacing_dir
 from embedstore.backbones.layers import Preprocess
@@ -45,7 +42,7 @@ from embedstore.headdir import (
     read_manifest,
     temperature_of,
 )
-from embedstore.heads import DenseHead, KNNHead, LogRegHead
+from embedstore.heads import HEADS
 from embedstore.pipeline import min_decode_side, resize_for_backbone
 from embedstore.quiet import native_output_silenced
 
@@ -55,60 +52,6 @@ LABELS = "labels.txt"
 
 class ExportError(ValueError):
     """The head cannot be exported as asked."""
-
-
-@keras.saving.register_keras_serializable(package="embedstore")
-class KNNVotes(keras.layers.Layer):
-    """Cosine k-nearest-neighbour class probabilities, as KNNHead computes them."""
-
-    def __init__(self, n_train: int, dim: int, n_classes: int, k: int,
-                 distance_weighted: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.n_train, self.dim, self.n_classes, self.k = n_train, dim, n_classes, k
-        self.distance_weighted = distance_weighted
-        self.vectors = self.add_weight(shape=(n_train, dim), initializer="zeros",
-                                       trainable=False, name="vectors")
-        # one-hot class of each training vector, times its class weight
-        self.votes = self.add_weight(shape=(n_train, n_classes), initializer="zeros",
-                                     trainable=False, name="votes")
-
-    def call(self, x):
-        x = x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
-        similarity = ops.matmul(x, ops.transpose(self.vectors))
-        top, idx = ops.top_k(similarity, self.k)
-        weight = ops.maximum(top if self.distance_weighted else ops.ones_like(top), 1e-6)
-        votes = ops.sum(ops.take(self.votes, idx, axis=0) * weight[..., None], axis=1)
-        return votes / ops.sum(votes, axis=-1, keepdims=True)
-
-    def get_config(self):
-        return {**super().get_config(), "n_train": self.n_train, "dim": self.dim,
-                "n_classes": self.n_classes, "k": self.k,
-                "distance_weighted": self.distance_weighted}
-
-
-def head_layer(head, dim: int, temperature: float = 1.0):
-    """The fitted head as a Keras layer (or model) from embeddings to probabilities.
-
-    A calibration temperature T is folded into the last softmax layer's weights
-    (softmax(z / T) = softmax((W / T) x + b / T)): standard layers only.
-    """
-    if isinstance(head, LogRegHead):
-        W, b = head.folded_linear()
-        W, b = W / temperature, b / temperature
-        layer = keras.layers.Dense(W.shape[1], activation="softmax", name="logreg")
-        layer.build((None, dim))
-        layer.set_weights([W, b])
-        return layer
-    if isinstance(head, DenseHead):
-        return head.model_ if temperature == 1.0 else _tempered(head.model_, dim, temperature)
-    if isinstance(head, KNNHead):
-        layer = KNNVotes(len(head.X_), dim, len(head.classes_), head.k_,
-                         distance_weighted=head.weights == "distance", name="knn")
-        layer.build((None, dim))
-        onehot = np.eye(len(head.classes_), dtype=np.float32)[head.y_index_]
-        layer.set_weights([head.X_, onehot * head.class_weight_[head.y_index_, None]])
-        return layer
-    raise ExportError(f"cannot export a {type(head).__name__}")
 
 
 def standard_preprocess(layer: Preprocess) -> keras.layers.Dense:
@@ -138,19 +81,6 @@ def standard_backbone(model: keras.Model) -> keras.Model:
     return keras.Model(pixels, rest(standard_preprocess(found[0])(pixels)), name=model.name)
 
 
-def _tempered(model, dim: int, temperature: float):
-    """The dense head with its softmax layer's weights divided by the temperature."""
-    x = inputs = keras.Input((dim,), name="embedding")
-    for layer in model.layers[:-1]:
-        x = layer(x)
-    last = model.layers[-1]
-    W, b = last.get_weights()
-    out = keras.layers.Dense(W.shape[1], activation="softmax", name=last.name)
-    y = out(x)
-    out.set_weights([W / temperature, b / temperature])
-    return keras.Model(inputs, y, name=model.name)
-
-
 def build_model(head_dir: str | Path, backbone=None,
                 backbone_name: str | None = None) -> tuple[keras.Model, HeadManifest]:
     """One Keras model: resized pixels in [0, 255] -> class probabilities."""
@@ -170,7 +100,7 @@ def build_model(head_dir: str | Path, backbone=None,
     pixels = keras.Input((size, size, 3), name="pixels")
     features = standard_backbone(backbone.model)(pixels)
     temperature = temperature_of(manifest, Path(head_dir) / MANIFEST)
-    probabilities = head_layer(load_head(head_dir), backbone.dim, temperature)(features)
+    probabilities = load_head(head_dir).export_layer(backbone.dim, temperature)(features)
     return keras.Model(pixels, probabilities, name="embedstore_classifier"), manifest
 
 
@@ -282,10 +212,11 @@ def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     _check_out(out, overwrite)
-    if fmt == "keras" and read_manifest(head_dir).head == "knn":
-        raise ExportError(f"{head_dir} is a knn head, whose top-k vote has no standard Keras "
-                          "layer, so its .keras file would need embedstore to load; export it "
-                          "with --format savedmodel or tflite, which load without embedstore")
+    kind = read_manifest(head_dir).head
+    if fmt == "keras" and HEADS[kind].nonstandard_export:
+        raise ExportError(f"{head_dir} is a {kind} head: {HEADS[kind].nonstandard_export}, so "
+                          "its .keras file would need embedstore to load; export it with "
+                          "--format savedmodel or tflite, which load without embedstore")
     model, manifest = build_model(head_dir, backbone, backbone_name)
     classes = manifest.classes
     size, crop = manifest.backbone.input_size, manifest.backbone.crop_fraction

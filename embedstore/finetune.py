@@ -51,7 +51,7 @@ from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.backbones.split import entry_layer_name, split_at
 from embedstore.extract import backbone_meta
 from embedstore.headdir import MANIFEST, HeadManifest, load_head, load_head_backbone, read_manifest
-from embedstore.heads import LogRegHead, make_head
+from embedstore.heads import make_head
 from embedstore.pipeline import Resizer, batched, stream
 from embedstore.splits import validation_mask
 from embedstore.store import open_store, open_writer
@@ -801,10 +801,10 @@ class _Reference:
     def softmax_start(self, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) of a softmax over `classes` equal to a logreg head on the frozen vectors:
         the reference itself when it is one, else one fit on the same rows."""
-        logreg = self.head if isinstance(self.head, LogRegHead) else LogRegHead().fit(
-            self.fit_X, self.fit_y)
-        W, b = logreg.folded_linear()
-        cols = np.searchsorted(classes, logreg.classes_)
+        linear = self.head if self.head.folded_linear() is not None else make_head(
+            "logreg").fit(self.fit_X, self.fit_y)
+        W, b = linear.folded_linear()
+        cols = np.searchsorted(classes, linear.classes_)
         full_W = np.zeros((W.shape[0], len(classes)), np.float32)
         full_b = np.full(len(classes), -30.0, np.float32)  # a class the fit rows lack
         full_W[:, cols], full_b[cols] = W, b

@@ -36,7 +36,8 @@ from embedstore.backbones.reference import (
     load_resolved,
     resolve,
 )
-from embedstore.heads import HEADS, EmbeddingHead, head_kind
+from embedstore.heads import HEADS, head_kind
+from embedstore.heads.base import EmbeddingHead
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from embedstore import DenseHead, LogRegHead
 from embedstore.calibration import (
     apply_temperature,
     calibrate,
@@ -17,7 +18,6 @@ from embedstore.calibration import (
 )
 from embedstore.extract import extract
 from embedstore.headdir import HeadDirError, read_manifest
-from embedstore.heads import DenseHead, LogRegHead
 from embedstore.store import open_store
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE
@@ -130,12 +130,10 @@ def test_predict_applies_the_temperature(trained, tmp_path):
 
 @pytest.mark.parametrize("kind", ["logreg", "dense"])
 def test_export_folds_the_temperature_into_the_softmax_layer(trained, kind):
-    from embedstore.export import head_layer
-
     with open_store(trained["store"]) as s:
         X, y = s.embeddings(), s.labels
     head = (LogRegHead() if kind == "logreg" else
             DenseHead(hidden=(16,), epochs=2, verbose=0)).fit(X, y)
-    layer = head_layer(head, X.shape[1], temperature=2.5)
+    layer = head.export_layer(X.shape[1], temperature=2.5)
     np.testing.assert_allclose(np.asarray(layer(X)), apply_temperature(head.predict_proba(X),
                                                                         2.5), atol=1e-5)

@@ -7,8 +7,8 @@ from matplotlib.figure import Figure
 from sklearn.datasets import make_classification
 from sklearn.model_selection import train_test_split
 
+from embedstore import DenseHead, LogRegHead
 from embedstore.evaluate import plot_training_curves
-from embedstore.heads import DenseHead, LogRegHead
 from embedstore.store import open_store
 
 

@@ -26,7 +26,7 @@ def test_every_option_of_every_command_has_help_and_a_real_metavar():
     missing, vague = [], []
     for name, command in _commands(cli):
         ctx = click.Context(command, info_name=name)
-        for param in command.params:
+        for param in command.get_params(ctx):  # as --help sees them: head options included
             if not isinstance(param, click.Option):
                 continue
             flags, text = param.get_help_record(ctx)
@@ -36,7 +36,7 @@ def test_every_option_of_every_command_has_help_and_a_real_metavar():
                 vague.append(f"{name} {flags}")
     assert not missing and not vague, (missing, vague)
     ctx = click.Context(cli.commands["train"], info_name="train")
-    shown = {p.opts[0]: p.get_help_record(ctx)[0] for p in cli.commands["train"].params
+    shown = {p.opts[0]: p.get_help_record(ctx)[0] for p in cli.commands["train"].get_params(ctx)
              if isinstance(p, click.Option)}
     assert shown["--epochs"] == "--epochs INTEGER" and shown["--C"] == "--C FLOAT|auto"
 

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from sklearn.base import clone
 from sklearn.datasets import make_classification
 
+from embedstore import DenseHead, KNNHead, LogRegHead
 from embedstore.backbones import BackboneError
 from embedstore.evaluate import EvaluationError, evaluate_head
 from embedstore.headdir import HeadDirError, load_head, read_manifest
-from embedstore.heads import DenseHead, KNNHead, LogRegHead
 from embedstore.splits import SplitError, conflicting_duplicates, load_split, validation_mask
 from embedstore.store import StoreWriter
 from embedstore.train import train

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from embedstore.heads import DenseHead, KNNHead, LogRegHead, make_head, validate_head_params
+from embedstore import DenseHead, KNNHead, LogRegHead
+from embedstore.heads import make_head, validate_head_params
 
 # Small and quick, but a real dense head: it still has to learn sklearn's test problems.
 CHECKED = [LogRegHead(), KNNHead(), DenseHead(hidden=(16,), epochs=12, learning_rate=0.01)]

@@ -31,7 +31,6 @@ _MODULES = {
     "keras": "embedstore.backbones.runtimes.keras",
     "int8": "embedstore.backbones.runtimes.openvino",
 }
-RUNTIMES = tuple(_MODULES)
 DEFAULT_RUNTIME = "auto"
 
 
@@ -66,7 +65,7 @@ class Preparation:
 
 def get_runtime(name: str) -> Runtime:
     if name not in _MODULES:
-        raise BackboneError(f"unknown runtime {name!r}; use one of: {', '.join(RUNTIMES)}")
+        raise BackboneError(f"unknown runtime {name!r}; use one of: {', '.join(_MODULES)}")
     return importlib.import_module(_MODULES[name]).RUNTIME
 
 
@@ -99,7 +98,7 @@ def load_for_store(name: str, runtime: str, preparation: Preparation,
 def runtime_choices(extract: bool = False) -> list[str]:
     """The --runtime choices: every registered runtime (`predict` leaves out the ones only
     `extract` can start)."""
-    return [n for n in RUNTIMES if extract or not get_runtime(n).extract_only]
+    return [n for n in _MODULES if extract or not get_runtime(n).extract_only]
 
 
 def runtime_help(extract: bool = False) -> str:

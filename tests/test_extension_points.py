@@ -1,0 +1,184 @@
+"""Extension points have one shape: a new head or runtime is its own module plus one
+registry line, and works through the whole workflow with nothing else edited."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embedstore.backbones import runtimes
+from embedstore.heads import HEADS
+from embedstore_cli.app import cli
+from tests.conftest import REPO, SAMPLE
+
+CENTROID_HEAD = '''
+"""centroid: softmax of the cosine similarity to each class's mean embedding."""
+
+from numbers import Real
+
+import numpy as np
+
+from embedstore.heads import options as opt
+from embedstore.heads.base import EmbeddingHead, Interval, fit_context
+
+
+def unit(X):
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+class CentroidHead(EmbeddingHead):
+    summary = "nearest class mean by cosine"
+    options = (opt.HeadOption("--sharpness", "sharpness", "FLOAT",
+                              "scale of the cosine similarities before the softmax", float),)
+    calibrated = True
+    _parameter_constraints = {"sharpness": [Interval(Real, 0, None, closed="neither")]}
+
+    def __init__(self, sharpness: float = 20.0):
+        self.sharpness = sharpness
+
+    @fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        X, y = self._validate_fit_data(X, y)
+        X = unit(X)
+        self.centroids_ = unit(np.stack([X[y == c].mean(axis=0) for c in self.classes_]))
+        return self
+
+    def predict_proba(self, X):
+        z = self.sharpness * unit(self._validate_predict_data(X)) @ self.centroids_.T
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def export_layer(self, dim, temperature=1.0):
+        import keras
+
+        dense = keras.layers.Dense(len(self.classes_), activation="softmax", use_bias=False)
+        model = keras.Sequential([keras.Input((dim,)), keras.layers.UnitNormalization(), dense])
+        dense.set_weights([(self.sharpness / temperature) * self.centroids_.T.astype("float32")])
+        return model
+
+
+HEAD = CentroidHead
+'''
+
+ONE_THREAD_RUNTIME = '''
+"""tflite1: TFLite on one thread, for a machine shared with other jobs."""
+
+from embedstore.backbones.runtimes import Runtime, tflite
+
+
+def load(name, say, threads=None):
+    say(f"loading {name} (tflite on one thread)...")
+    return tflite.load(name, lambda message: None, 1)
+
+
+RUNTIME = Runtime("tflite1", "TFLite fp32 on one CPU thread", load)
+'''
+
+
+def _scratch_module(tmp_path, monkeypatch, name: str, source: str) -> str:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return name
+
+
+def _run(*args: str) -> dict | list:
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_no_module_outside_a_heads_own_tests_for_its_class():
+    """export, train, evaluate, finetune and the CLI ask the head, never which head it is."""
+    names = {cls.__name__ for cls in HEADS.values()}
+    found = []
+    for path in [*(REPO / "embedstore").rglob("*.py"), *(REPO / "cli").rglob("*.py")]:
+        if path.parent.name == "heads":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in (
+                    "isinstance", "issubclass", "type"):
+                used = {n.id for arg in node.args[1:] for n in ast.walk(arg)
+                        if isinstance(n, ast.Name)}
+                found += [f"{path.name}:{node.lineno}" for _ in used & names]
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(n, ast.Name) and n.id in names for n in ast.walk(node)):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, found
+
+
+def test_a_new_head_is_its_module_and_one_registry_line(sample_store, tmp_path, monkeypatch):
+    from embedstore import heads
+
+    module = _scratch_module(tmp_path, monkeypatch, "centroid_head", CENTROID_HEAD)
+    monkeypatch.setitem(heads._MODULES, "centroid", module)  # the one registration line
+
+    help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    assert "--sharpness FLOAT" in help_text and "centroid: nearest class mean" in help_text
+    metrics = _run("train", str(sample_store), str(tmp_path / "head"), "--head", "centroid",
+                   "--sharpness", "30")
+    assert metrics["head"] == "centroid" and metrics["params"] == {"sharpness": 30.0}
+    assert metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert metrics["calibration"]["method"] == "temperature"
+    refused = CliRunner().invoke(cli, ["train", str(sample_store), str(tmp_path / "x"),
+                                       "--head", "logreg", "--sharpness", "3"])
+    assert refused.exit_code == 2 and "applies to the centroid head" in refused.output
+
+    board = _run("sweep", str(sample_store), "--head", "centroid", "--sharpness", "5,30")
+    assert sorted(m["given_params"]["sharpness"] for m in board) == [5.0, 30.0]
+    evaluated = _run("evaluate", str(tmp_path / "head"), "--no-plots")
+    assert evaluated["accuracy"] == pytest.approx(metrics["val_accuracy"])
+
+    files = sorted(SAMPLE.glob("*/*.png"))[::60]
+    predicted = _run("predict", str(tmp_path / "head"), *map(str, files), "--top-k", "10")
+    export_dir = tmp_path / "export"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "head"), str(export_dir),
+                                      "--format", "keras"])
+    assert result.exit_code == 0, result.output
+
+    import keras
+
+    from embedstore.pipeline import Resizer, decode_image
+
+    classes = (export_dir / "labels.txt").read_text().split()
+    pixels = Resizer(224, 0.875).batch([decode_image(f.read_bytes()) for f in files])
+    got = keras.saving.load_model(export_dir / "model.keras").predict(pixels, verbose=0)
+    want = [[{t["label"]: t["probability"] for t in r["top_k"]}[c] for c in classes]
+            for r in predicted]
+    np.testing.assert_allclose(got, want, atol=1e-3)  # temperature folded in, as predict
+
+
+@pytest.mark.tf  # converts the backbone to TFLite in the test's fresh cache
+def test_a_new_runtime_is_its_module_and_one_registry_line(small_tree, tmp_path, monkeypatch):
+    module = _scratch_module(tmp_path, monkeypatch, "one_thread_runtime", ONE_THREAD_RUNTIME)
+    monkeypatch.setitem(runtimes._MODULES, "tflite1", module)  # the one registration line
+
+    for command in ("extract", "predict", "similar"):
+        shown = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "tflite1: TFLite fp32 on one CPU thread" in " ".join(shown.split())
+    runner = CliRunner()
+    for runtime in ("tflite1", "tflite"):
+        result = runner.invoke(cli, ["extract", str(small_tree), str(tmp_path / runtime),
+                                     "--runtime", runtime])
+        assert result.exit_code == 0, result.output
+
+    from embedstore.store import open_store
+
+    with open_store(tmp_path / "tflite1") as one, open_store(tmp_path / "tflite") as default:
+        assert list(one.paths) == list(default.paths) and len(one.paths) == 12
+        assert one.backbone["fingerprint"] == default.backbone["fingerprint"]
+        np.testing.assert_allclose(one.embeddings(), default.embeddings(), atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _registries_stay_as_shipped():
+    yield
+    assert list(HEADS) == ["logreg", "dense", "knn"]
+    assert list(runtimes._MODULES) == ["auto", "tflite", "keras", "int8"]
+
