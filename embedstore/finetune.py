@@ -70,8 +70,9 @@ class FinetuneError(ValueError):
 
 
 @dataclass
-class Rows:
-    """The original images of a store (view 0), as the rebuild must reproduce them."""
+class OriginalRows:
+    """The store's original rows (view 0: no augmented views), as the rebuild must
+    reproduce them."""
 
     paths: np.ndarray
     sha256: np.ndarray
@@ -81,16 +82,16 @@ class Rows:
     dropped_views: int
 
 
-def _read_rows(store: str) -> tuple[Rows, dict]:
+def _read_rows(store: str) -> tuple[OriginalRows, dict]:
     with open_store(store) as s:
         views = s.views
         keep = views == 0
-        rows = Rows(s.paths[keep], s.sha256[keep], s.labels[keep], s.classes, s.failures(),
-                    int((~keep).sum()))
+        rows = OriginalRows(s.paths[keep], s.sha256[keep], s.labels[keep], s.classes,
+                            s.failures(), int((~keep).sum()))
         return rows, s.backbone
 
 
-def _split(rows: Rows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(rows: OriginalRows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val), the head's split (train.load_split's rule on view 0)."""
     labelled = np.flatnonzero(rows.labels >= 0)
     is_val = validation_mask(rows.sha256[labelled], rows.labels[labelled], val_fraction, seed)
@@ -152,15 +153,15 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
 
     backbone = _load_head_backbone(manifest, head_dir, backbone_name)
     with _stage(timings, "cache"):
-        source = _training_source(backbone, unfreeze_from, rows, images, store, cache_dir, log)
-    skipped = {p["sha256"] for p in source.problems}
+        feed = _training_feed(backbone, unfreeze_from, rows, images, store, cache_dir, log)
+    skipped = {p["sha256"] for p in feed.problems}
     if skipped:  # files gone or changed since extraction: out of training and of the guard
         fit_rows, hold_rows = (np.array([r for r in idx if rows.sha256[r] not in skipped],
                                         np.int64) for idx in (fit_rows, hold_rows))
         reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     original_weights = backbone.model.get_weights()
     with _stage(timings, "train"):
-        training = _train_top(source, rows, fit_rows, hold_rows, np.asarray(head.classes_),
+        training = _train_top(feed, rows, fit_rows, hold_rows, np.asarray(head.classes_),
                               manifest.seed, chosen, epochs, learning_rate, batch_size, augment,
                               patience, reference, log)
     peak_rss_mb = _peak_rss_mb()  # the process's peak so far: caching and training
@@ -169,7 +170,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     new_store = out / "store.h5"
     with _stage(timings, "rebuild"):
         _rebuild_store(new_store, backbone_meta(tuned), rows,
-                       source.embeddings(tuned, rows, unfreeze_from), source.problems)
+                       feed.embeddings(tuned, rows, unfreeze_from), feed.problems)
     with _stage(timings, "guard"):
         verdict = _holdout_verdict(manifest, reference, new_store, rows, fit_rows, hold_rows)
         adopted = verdict["tuned_significantly_better"] or not guard
@@ -180,11 +181,11 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
             _save_backbone(backbone, out / "backbone", kept_original=True)
     with _stage(timings, "head"):
         after = (_retrain(manifest, new_store, out) if adopted else
-                 _write_original(manifest, out, rows, store_backbone, source.problems))
+                 _write_original(manifest, out, rows, store_backbone, feed.problems))
 
     history = training.history
     report = {
-        **common, "stopped_before_training": False, "block": source.block,
+        **common, "stopped_before_training": False, "block": feed.block,
         "recipe_settings": training.settings, "epochs": training.epochs,
         "epochs_run": len(history.epoch), "kept_original_weights": not adopted,
         "guard": {"enabled": guard, **reference.plan(), **verdict},
@@ -193,9 +194,9 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
         "backbone": {"before": backbone.fingerprint,
                      "after": tuned.fingerprint if adopted else store_backbone["fingerprint"],
                      "path": str((out / "backbone").resolve())},
-        "left_out": source.problems,
-        "cache": None if source.cache is None else {"dir": str(source.cache.dir),
-                                                    "bytes": source.cache.nbytes()},
+        "left_out": feed.problems,
+        "cache": None if feed.cache is None else {"dir": str(feed.cache.dir),
+                                                    "bytes": feed.cache.nbytes()},
         "timings": timings, "peak_rss_mb_through_training": peak_rss_mb,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -211,7 +212,7 @@ def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
             "val_macro_f1": metrics.get("val_macro_f1")}
 
 
-def _write_original(manifest: HeadManifest, out: Path, rows: Rows, store_backbone: dict,
+def _write_original(manifest: HeadManifest, out: Path, rows: OriginalRows, store_backbone: dict,
                     problems: list) -> dict:
     """OUT_DIR/store.h5 and head with the original backbone: its name, fingerprint, vectors."""
     new_store = out / "store.h5"
@@ -230,7 +231,7 @@ def _stage(timings: dict, name: str) -> Iterator[None]:
 
 # --- inputs --------------------------------------------------------------------------
 
-def _checked_inputs(manifest: HeadManifest, head_dir, out: Path) -> tuple[Rows, dict]:
+def _checked_inputs(manifest: HeadManifest, head_dir, out: Path) -> tuple[OriginalRows, dict]:
     """The store's rows and backbone record, once every input is known to fit."""
     _check_out_dir(out, head_dir, manifest.store)
     if manifest.backbone.name.startswith("hub:"):
@@ -282,7 +283,7 @@ def _images_root(images, store: str, cache: ActivationCache | None) -> Path:
     return root.resolve()
 
 
-def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
+def _verified_images(root: Path, rows: OriginalRows, indices, resizer: Resizer,
                      problems: list | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(sha256, decoded image) of each row whose file still has the store's content."""
     indices = list(indices)
@@ -306,7 +307,7 @@ def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
 # --- what the top trains on ----------------------------------------------------------
 
 @dataclass
-class _Source:
+class _TrainingFeed:
     """What the top trains on: the activation cache at a block, or pixels (block 0)."""
 
     block: str  # the block's entry layer name, "0" for pixels
@@ -316,7 +317,7 @@ class _Source:
     root: Path | None  # set when cache is None
     problems: list[dict]  # files left out: missing, changed, unreadable
 
-    def dataset(self, rows: Rows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
+    def dataset(self, rows: OriginalRows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
                 augment: str, shuffle: bool):
         label_of = {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r])) for r in idx}
         if self.cache is None:
@@ -326,7 +327,7 @@ class _Source:
         return _cache_dataset(self.cache, label_of, len(classes), batch_size, shuffle,
                               augment == "flip" and shuffle)
 
-    def embeddings(self, tuned: Backbone, rows: Rows, unfreeze_from: int | str):
+    def embeddings(self, tuned: Backbone, rows: OriginalRows, unfreeze_from: int | str):
         """(sha256s, vectors) chunks of every image through the tuned backbone."""
         if self.cache is None:
             assert self.root is not None
@@ -334,14 +335,15 @@ class _Source:
         return _embed_cache(self.cache, split_at(tuned.model, unfreeze_from)[1])
 
 
-def _training_source(backbone: Backbone, unfreeze_from: int | str, rows: Rows, images,
-                     store: str, cache_dir, log) -> _Source:
+def _training_feed(backbone: Backbone, unfreeze_from: int | str, rows: OriginalRows, images,
+                   store: str, cache_dir, log) -> _TrainingFeed:
     """Block 0: the images themselves; else the activation cache at the block, filled."""
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     if str(unfreeze_from) == "0":
         log("fine-tuning the whole network from pixels: on a CPU this is slow "
             "(every epoch runs the full backbone forward and backward)")
-        return _Source("0", backbone.model, resizer, None, _images_root(images, store, None), [])
+        return _TrainingFeed("0", backbone.model, resizer, None,
+                             _images_root(images, store, None), [])
     block = entry_layer_name(backbone.model, unfreeze_from)
     bottom, top = split_at(backbone.model, unfreeze_from)
     cache = ActivationCache(
@@ -350,12 +352,12 @@ def _training_source(backbone: Backbone, unfreeze_from: int | str, rows: Rows, i
          "shape": [int(d) for d in bottom.output.shape[1:]], "dtype": "float16",
          "store": store})
     problems = _fill_cache(cache, bottom, resizer, rows, images, store, log)
-    return _Source(block, top, resizer, cache, None, problems)
+    return _TrainingFeed(block, top, resizer, cache, None, problems)
 
 
 # --- the activation cache ------------------------------------------------------------
 
-def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Rows, images,
+def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: OriginalRows, images,
                 store: str, log) -> list[dict]:
     """Cache every image of the store not cached yet; returns the files left out."""
     import tensorflow as tf
@@ -424,7 +426,7 @@ def _cache_dataset(cache: ActivationCache, label_of: dict, n_classes: int, batch
     return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
-def _pixel_dataset(root: Path, rows: Rows, indices, label_of: dict, resizer: Resizer,
+def _pixel_dataset(root: Path, rows: OriginalRows, indices, label_of: dict, resizer: Resizer,
                    n_classes: int, batch_size: int, shuffle: bool):
     """tf.data streaming decoded images from files: memory bounded by the buffers."""
     import tensorflow as tf
@@ -495,11 +497,11 @@ class _Training:
     start: dict  # the hold-out loss and accuracy before any update
 
 
-def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.ndarray,
-               classes: np.ndarray, seed: int, recipe: Recipe, epochs: int | None,
-               learning_rate: float | None, batch_size: int, augment: str,
+def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
+               hold_rows: np.ndarray, classes: np.ndarray, seed: int, recipe: Recipe,
+               epochs: int | None, learning_rate: float | None, batch_size: int, augment: str,
                patience: int | None, reference: _Reference, log) -> _Training:
-    """Train source.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
+    """Train feed.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
     if it trained); the weights left are the best on the hold-out, the start included."""
     import keras
 
@@ -507,11 +509,11 @@ def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.
     # drawn from the global seed when they are built, not when training starts
     keras.utils.set_random_seed(seed)
     start = reference.softmax_start(classes) if recipe.start == "head" else None
-    model = _training_model(source.top, len(classes), source.cache is None, augment, recipe,
+    model = _training_model(feed.top, len(classes), feed.cache is None, augment, recipe,
                             start)
 
     def make(idx: np.ndarray, shuffle: bool):
-        return source.dataset(rows, idx, classes, batch_size, augment, shuffle)
+        return feed.dataset(rows, idx, classes, batch_size, augment, shuffle)
 
     per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
     settings = recipe.settings(per_epoch, epochs, learning_rate, patience)
@@ -522,7 +524,7 @@ def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.
     history, first = _fit(model, make(fit_rows, True), make(hold_rows, False), per_epoch,
                           settings, seed, reference, len(hold_rows), log)
     if recipe.batchnorm == "train":
-        _recalibrate_batchnorm(source.top, make(fit_rows, True))
+        _recalibrate_batchnorm(feed.top, make(fit_rows, True))
     return _Training(history, settings["epochs"], settings, first)
 
 
@@ -687,7 +689,8 @@ def choose_recipe(n_fit: int, name: str = "auto") -> Recipe:
     return RECIPES[name]
 
 
-def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(rows: OriginalRows, train_rows: np.ndarray, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Early stopping watches a hold-out of the training rows, never the validation split."""
     is_hold = validation_mask(rows.sha256[train_rows], rows.labels[train_rows],
                               HOLDOUT_FRACTION, seed + 1)
@@ -718,7 +721,7 @@ def _embed_cache(cache: ActivationCache, top) -> Iterator[tuple[list, np.ndarray
         yield list(sha), np.concatenate(vectors)
 
 
-def _stored_embeddings(store: str, rows: Rows, problems: list):
+def _stored_embeddings(store: str, rows: OriginalRows, problems: list):
     """The original store's vectors (view 0), one per image, in chunks: the kept weights'."""
     skipped = {p["sha256"] for p in problems}
     first = sorted({s: r for r, s in reversed(list(enumerate(rows.sha256)))
@@ -730,14 +733,14 @@ def _stored_embeddings(store: str, rows: Rows, problems: list):
             yield list(rows.sha256[idx]), s.embeddings(view0[idx])
 
 
-def _embed_images(backbone: Backbone, root: Path, rows: Rows, problems: list):
+def _embed_images(backbone: Backbone, root: Path, rows: OriginalRows, problems: list):
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     first = list({s: r for r, s in reversed(list(enumerate(rows.sha256)))}.values())
     for batch in batched(_verified_images(root, rows, sorted(first), resizer, problems), 32):
         yield [s for s, _ in batch], backbone.embed(resizer.batch([img for _, img in batch]))
 
 
-def _rebuild_store(path: Path, backbone: dict, rows: Rows, embeddings, problems) -> None:
+def _rebuild_store(path: Path, backbone: dict, rows: OriginalRows, embeddings, problems) -> None:
     """OUT_DIR/store.h5: the original rows (view 0) with these embeddings, made by the
     backbone this record (extract.backbone_meta) describes."""
     for stale in (path, Path(f"{path}.parts")):  # an earlier run's output, never the original
@@ -774,7 +777,7 @@ class _Reference:
     fit_y: np.ndarray
 
     @classmethod
-    def fit(cls, manifest: HeadManifest, store: str, rows: Rows, fit_rows: np.ndarray,
+    def fit(cls, manifest: HeadManifest, store: str, rows: OriginalRows, fit_rows: np.ndarray,
             hold_rows: np.ndarray) -> _Reference:
         X, y = _embeddings_of(store, rows, fit_rows), rows.labels[fit_rows]
         head = make_head(manifest.head, **manifest.params).fit(X, y)
@@ -832,8 +835,8 @@ def _plan_message(reference: _Reference, recipe: Recipe, guard: bool) -> str:
     return said + f" (recipe: {recipe.name})"
 
 
-def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path, rows: Rows,
-                     fit_rows: np.ndarray, hold_rows: np.ndarray) -> dict:
+def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path,
+                     rows: OriginalRows, fit_rows: np.ndarray, hold_rows: np.ndarray) -> dict:
     """Is the head retrained on the tuned embeddings better? Judged on the hold-out only.
 
     The head of HEAD_DIR's type and parameters is fit on the fit rows of each store and
@@ -873,7 +876,7 @@ def sign_test_p(wins: int, losses: int) -> float:
 MIN_WINS = _smallest_significant_wins()
 
 
-def _embeddings_of(store: str | Path, rows: Rows, idx: np.ndarray) -> np.ndarray:
+def _embeddings_of(store: str | Path, rows: OriginalRows, idx: np.ndarray) -> np.ndarray:
     """The view-0 vectors of rows idx, found by path (the rebuilt store has its own order)."""
     with open_store(store) as s:
         view0 = np.flatnonzero(s.views == 0)
@@ -887,7 +890,7 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _scores(head, store: str, val_rows: np.ndarray, rows: Rows) -> dict:
+def _scores(head, store: str, val_rows: np.ndarray, rows: OriginalRows) -> dict:
     """Validation accuracy and macro F1 of HEAD_DIR's head on its own validation split."""
     from sklearn.metrics import accuracy_score, f1_score
 
