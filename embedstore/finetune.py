@@ -5,7 +5,8 @@ cache) -> top blocks + softmax head trained on the cache -> tuned backbone
 saved -> store rebuilt from the same cache through the tuned top -> the same
 head type retrained on the rebuilt store. The original store and head are
 only read. With block 0 the whole network trains from pixels instead
-(streamed, augmented), and the rebuild re-reads the images.
+(streamed, randomly flipped, rotated and zoomed), and the rebuild re-reads the
+images.
 
 Before anything runs, the guard's hold-out is sized up: the sign test needs 5
 wins with no loss, so a hold-out on which the frozen head misses fewer than 5
@@ -107,7 +108,7 @@ def _log_default(message: str) -> None:
 def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | None = None,
              unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int | None = None,
              learning_rate: float | None = None, batch_size: int = 64,
-             augment: str = "flip", patience: int | None = None,
+             random_flip: bool = True, patience: int | None = None,
              cache_dir: str | Path | None = None, log: Callable[[str], None] = _log_default,
              backbone_name: str | None = None, guard: bool = True, force: bool = False,
              recipe: str = "auto") -> dict:
@@ -120,6 +121,9 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     weights even when the hold-out does not show them better. When the
     hold-out is too small for the guard ever to adopt, nothing is trained and
     OUT_DIR gets the original weights, unless force (or guard=False).
+    random_flip: flip the training batches at random, left to right (from pixels,
+    block 0: also small random rotations and zooms); a training-time transform,
+    unrelated to the augmented views a store may hold (fine-tuning reads view 0 only).
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
@@ -162,8 +166,8 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     original_weights = backbone.model.get_weights()
     with _stage(timings, "train"):
         training = _train_top(feed, rows, fit_rows, hold_rows, np.asarray(head.classes_),
-                              manifest.seed, chosen, epochs, learning_rate, batch_size, augment,
-                              patience, reference, log)
+                              manifest.seed, chosen, epochs, learning_rate, batch_size,
+                              random_flip, patience, reference, log)
     peak_rss_mb = _peak_rss_mb()  # the process's peak so far: caching and training
     with _stage(timings, "save"):
         tuned = _save_backbone(backbone, out / "backbone")
@@ -318,14 +322,14 @@ class _TrainingFeed:
     problems: list[dict]  # files left out: missing, changed, unreadable
 
     def dataset(self, rows: OriginalRows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
-                augment: str, shuffle: bool):
+                random_flip: bool, shuffle: bool):
         label_of = {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r])) for r in idx}
         if self.cache is None:
             assert self.root is not None
             return _pixel_dataset(self.root, rows, idx, label_of, self.resizer, len(classes),
                                   batch_size, shuffle)
         return _cache_dataset(self.cache, label_of, len(classes), batch_size, shuffle,
-                              augment == "flip" and shuffle)
+                              random_flip and shuffle)
 
     def embeddings(self, tuned: Backbone, rows: OriginalRows, unfreeze_from: int | str):
         """(sha256s, vectors) chunks of every image through the tuned backbone."""
@@ -457,7 +461,7 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe: Recipe,
+def _training_model(top, n_classes: int, from_pixels: bool, random_flip: bool, recipe: Recipe,
                     start: tuple[np.ndarray, np.ndarray] | None):
     """top -> a softmax layer, trainable as the recipe says.
 
@@ -476,7 +480,7 @@ def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe
             layer.trainable = recipe.batchnorm == "train"  # not trainable: inference mode
     inputs = keras.Input(top.input.shape[1:])
     x = inputs
-    if from_pixels and augment != "none":
+    if from_pixels and random_flip:
         x = keras.layers.RandomFlip("horizontal")(x)
         x = keras.layers.RandomRotation(0.05, fill_mode="reflect")(x)
         x = keras.layers.RandomZoom(0.1, fill_mode="reflect")(x)
@@ -499,8 +503,8 @@ class _Training:
 
 def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
                hold_rows: np.ndarray, classes: np.ndarray, seed: int, recipe: Recipe,
-               epochs: int | None, learning_rate: float | None, batch_size: int, augment: str,
-               patience: int | None, reference: _Reference, log) -> _Training:
+               epochs: int | None, learning_rate: float | None, batch_size: int,
+               random_flip: bool, patience: int | None, reference: _Reference, log) -> _Training:
     """Train feed.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
     if it trained); the weights left are the best on the hold-out, the start included."""
     import keras
@@ -509,11 +513,11 @@ def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
     # drawn from the global seed when they are built, not when training starts
     keras.utils.set_random_seed(seed)
     start = reference.softmax_start(classes) if recipe.start == "head" else None
-    model = _training_model(feed.top, len(classes), feed.cache is None, augment, recipe,
+    model = _training_model(feed.top, len(classes), feed.cache is None, random_flip, recipe,
                             start)
 
     def make(idx: np.ndarray, shuffle: bool):
-        return feed.dataset(rows, idx, classes, batch_size, augment, shuffle)
+        return feed.dataset(rows, idx, classes, batch_size, random_flip, shuffle)
 
     per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
     settings = recipe.settings(per_epoch, epochs, learning_rate, patience)

@@ -189,6 +189,35 @@ def test_the_small_recipe_starts_at_the_frozen_head_and_keeps_its_best_epoch(tun
     assert report["after"]["val_accuracy"] == report["before"]["val_accuracy"]
 
 
+@pytest.mark.parametrize("args, random_flip", [
+    ([], True), (["--no-random-flip"], False), (["--random-flip"], True),
+    (["--augment", "none"], False), (["--augment", "flip"], True),
+    (["--augment", "flip", "--random-flip"], True),
+])
+def test_random_flip_and_the_deprecated_augment_alias(tmp_path, monkeypatch, args, random_flip):
+    """--augment flip|none, the option's old name, still works (hidden from --help) and
+    says what to write instead; the library is called with random_flip either way."""
+    import embedstore.finetune
+
+    calls = []
+    monkeypatch.setattr(embedstore.finetune, "finetune",
+                        lambda *a, **kw: calls.append(kw) or {})
+    result = CliRunner().invoke(cli, ["finetune", str(tmp_path), str(tmp_path / "out"),
+                                      *args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["random_flip"] is random_flip and "augment" not in calls[0]
+    assert ("is deprecated: use --" in result.stderr) == ("--augment" in args)
+
+
+def test_the_augment_alias_is_hidden_and_cannot_contradict_random_flip(tmp_path):
+    help_text = CliRunner().invoke(cli, ["finetune", "--help"]).output
+    assert "--random-flip / --no-random-flip" in help_text and "--augment" not in help_text
+    result = CliRunner().invoke(cli, ["finetune", str(tmp_path), str(tmp_path / "out"),
+                                      "--augment", "flip", "--no-random-flip"])
+    assert result.exit_code == 2
+    assert "--augment flip contradicts --no-random-flip" in result.output
+
+
 def test_recipes_by_training_rows():
     from embedstore.finetune import LARGE, LARGE_FROM, SMALL, choose_recipe
 
