@@ -35,6 +35,7 @@ _EXPORTS = {
     "predict": "embedstore.predict",
     "export": "embedstore.export",
     "finetune": "embedstore.finetune",
+    "FinetuneReport": "embedstore.finetune",
     "similar": "embedstore.similar",
     "audit": "embedstore.audit",
     "load_backbone": "embedstore.backbones",

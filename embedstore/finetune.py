@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -68,6 +68,124 @@ ADOPT_P_VALUE = 0.05  # the hold-out's evidence needed to adopt the tuned weight
 
 class FinetuneError(ValueError):
     """Fine-tuning cannot run as asked, with what to do about it."""
+
+
+# --- the report (finetune's return value and OUT_DIR/report.json) ---------------------
+
+class FinetuneScores(TypedDict):
+    """A head's scores on its own validation split (None: the split had no rows)."""
+
+    val_accuracy: float | None
+    val_macro_f1: float | None
+
+
+class LeftOutFile(TypedDict):
+    """An image of the store left out of fine-tuning and of the rebuilt store."""
+
+    path: str
+    sha256: str
+    reason: str  # "missing", "changed since extraction", "cannot be read (...)"
+
+
+class GuardPlan(TypedDict):
+    """What the guard can show on the hold-out, known before training."""
+
+    n_holdout: int
+    frozen_holdout_errors: int
+    min_wins_to_adopt: int
+    smallest_detectable_gain: float | None  # None: no hold-out
+    can_adopt: bool
+
+
+class HoldoutVerdict(TypedDict):
+    """The frozen and the retrained head compared on the hold-out (a sign test)."""
+
+    n_holdout: int
+    holdout_accuracy_original: float | None  # None: no hold-out
+    holdout_accuracy_tuned: float | None
+    only_tuned_right: int
+    only_original_right: int
+    p_value: float
+    tuned_significantly_better: bool
+
+
+class _VerdictKeys(TypedDict, total=False):
+    # HoldoutVerdict's, in a report only when training ran (total=False rather than
+    # NotRequired: __optional_keys__ stays right at runtime under PEP 563 on 3.11)
+    holdout_accuracy_original: float | None
+    holdout_accuracy_tuned: float | None
+    only_tuned_right: int
+    only_original_right: int
+    p_value: float
+    tuned_significantly_better: bool
+
+
+class GuardReport(GuardPlan, _VerdictKeys):
+    """The guard: whether it was on, its plan, and its verdict when training ran."""
+
+    enabled: bool
+
+
+class BackboneChange(TypedDict):
+    before: str  # fingerprints: HEAD_DIR's backbone, the one OUT_DIR's store and head name
+    after: str
+    path: str | None  # OUT_DIR/backbone, None when training never ran
+
+
+class CacheInfo(TypedDict):
+    dir: str
+    bytes: int
+
+
+class RecipeSettings(TypedDict):
+    epochs: int
+    learning_rate: float
+    patience: int
+    batchnorm: str  # "train" or "inference"
+    start: str  # "head" or "fresh"
+
+
+class _ReportInputs(TypedDict):
+    """The part of the report known before any training."""
+
+    head_dir: str
+    store: str
+    out_dir: str
+    head: str
+    recipe: str  # "small" or "large"
+    n_fit: int
+    n_holdout: int
+    n_val: int
+    before: FinetuneScores
+    dropped_augmented_views: int
+
+
+class _TrainingKeys(TypedDict, total=False):
+    """The part of the report there only when training ran."""
+
+    block: str  # the first trained layer's name, "0" for pixels
+    recipe_settings: RecipeSettings
+    epochs: int  # planned; epochs_run may be fewer (early stopping)
+    history: dict[str, list[float]]  # Keras's, per epoch
+    start: dict[str, float]  # hold-out loss and accuracy before any update
+    peak_rss_mb_through_training: float
+
+
+class FinetuneReport(_ReportInputs, _TrainingKeys):
+    """What `finetune` returns and writes to OUT_DIR/report.json. The keys of
+    _TrainingKeys (block, recipe_settings, epochs, history, start,
+    peak_rss_mb_through_training) are there only when training ran
+    (stopped_before_training False)."""
+
+    stopped_before_training: bool
+    kept_original_weights: bool
+    guard: GuardReport
+    epochs_run: int
+    after: FinetuneScores
+    backbone: BackboneChange
+    left_out: list[LeftOutFile]
+    cache: CacheInfo | None  # None: no activation cache (from pixels, or never trained)
+    timings: dict[str, float]  # "<stage>_seconds"
 
 
 @dataclass
@@ -111,7 +229,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
              random_flip: bool = True, patience: int | None = None,
              cache_dir: str | Path | None = None, log: Callable[[str], None] = _log_default,
              backbone_name: str | None = None, guard: bool = True, force: bool = False,
-             recipe: str = "auto") -> dict:
+             recipe: str = "auto") -> FinetuneReport:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report.
 
     backbone_name: the head's backbone as the user names it (required for a
@@ -136,7 +254,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     chosen = choose_recipe(len(fit_rows), recipe)
     reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     log(_plan_message(reference, chosen, guard))
-    common = {"head_dir": str(Path(head_dir).resolve()), "store": store,
+    common: _ReportInputs = {"head_dir": str(Path(head_dir).resolve()), "store": store,
               "out_dir": str(out.resolve()), "head": manifest.head, "recipe": chosen.name,
               "n_fit": len(fit_rows), "n_holdout": len(hold_rows), "n_val": int(len(val_rows)),
               "before": before, "dropped_augmented_views": rows.dropped_views}
@@ -146,12 +264,13 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
         shutil.rmtree(out / "backbone", ignore_errors=True)  # an earlier run's, if any
         with _stage(timings, "head"):
             after = _write_original(manifest, out, rows, store_backbone, [])
-        report = {**common, "stopped_before_training": True, "kept_original_weights": True,
-                  "guard": {"enabled": guard, **reference.plan()}, "epochs_run": 0,
-                  "after": after, "backbone": {"before": store_backbone["fingerprint"],
-                                               "after": store_backbone["fingerprint"],
-                                               "path": None},
-                  "left_out": [], "cache": None, "timings": timings}
+        report: FinetuneReport = {
+            **common, "stopped_before_training": True, "kept_original_weights": True,
+            "guard": {"enabled": guard, **reference.plan()}, "epochs_run": 0,
+            "after": after, "backbone": {"before": store_backbone["fingerprint"],
+                                         "after": store_backbone["fingerprint"],
+                                         "path": None},
+            "left_out": [], "cache": None, "timings": timings}
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -207,7 +326,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     return report
 
 
-def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
+def _retrain(manifest: HeadManifest, store: Path, out: Path) -> FinetuneScores:
     """OUT_DIR/head: the head's type and parameters trained on STORE, its scores."""
     # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
     metrics = train(store, out / "head", head=manifest.head, val_fraction=manifest.val_fraction,
@@ -217,7 +336,7 @@ def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
 
 
 def _write_original(manifest: HeadManifest, out: Path, rows: OriginalRows, store_backbone: dict,
-                    problems: list) -> dict:
+                    problems: list[LeftOutFile]) -> FinetuneScores:
     """OUT_DIR/store.h5 and head with the original backbone: its name, fingerprint, vectors."""
     new_store = out / "store.h5"
     _rebuild_store(new_store, store_backbone, rows,
@@ -288,7 +407,7 @@ def _images_root(images, store: str, cache: ActivationCache | None) -> Path:
 
 
 def _verified_images(root: Path, rows: OriginalRows, indices, resizer: Resizer,
-                     problems: list | None = None) -> Iterator[tuple[str, np.ndarray]]:
+                     problems: list[LeftOutFile] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(sha256, decoded image) of each row whose file still has the store's content."""
     indices = list(indices)
     files = [str(root / rows.paths[r]) for r in indices]
@@ -319,7 +438,7 @@ class _TrainingFeed:
     resizer: Resizer
     cache: ActivationCache | None  # None: train from pixels under root
     root: Path | None  # set when cache is None
-    problems: list[dict]  # files left out: missing, changed, unreadable
+    problems: list[LeftOutFile]  # files left out: missing, changed, unreadable
 
     def dataset(self, rows: OriginalRows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
                 random_flip: bool, shuffle: bool):
@@ -362,7 +481,7 @@ def _training_feed(backbone: Backbone, unfreeze_from: int | str, rows: OriginalR
 # --- the activation cache ------------------------------------------------------------
 
 def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: OriginalRows, images,
-                store: str, log) -> list[dict]:
+                store: str, log) -> list[LeftOutFile]:
     """Cache every image of the store not cached yet; returns the files left out."""
     import tensorflow as tf
 
@@ -376,7 +495,7 @@ def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Original
             seen.add(sha)
             todo.append(r)
     # files left out by an earlier run stay out, unless --images is given to try them again
-    problems: list[dict] = [] if images else list(cache.meta.get("left_out", []))
+    problems: list[LeftOutFile] = [] if images else list(cache.meta.get("left_out", []))
     left = {p["sha256"] for p in problems}
     todo = [r for r in todo if rows.sha256[r] not in left]
     if not todo:
@@ -385,7 +504,7 @@ def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Original
     root = _images_root(images, store, cache)
     log(f"caching block inputs of {len(todo)} images in {cache.dir} ({len(done)} cached)")
     run = tf.function(lambda x: bottom(x, training=False), autograph=False)
-    new_problems: list[dict] = []
+    new_problems: list[LeftOutFile] = []
     images_iter = _verified_images(root, rows, todo, resizer, new_problems)
     for chunk in batched(images_iter, CHUNK_IMAGES):
         parts = [run(resizer.batch([img for _, img in b])).numpy()
@@ -497,8 +616,8 @@ class _Training:
 
     history: Any  # keras History
     epochs: int
-    settings: dict
-    start: dict  # the hold-out loss and accuracy before any update
+    settings: RecipeSettings
+    start: dict[str, float]  # the hold-out loss and accuracy before any update
 
 
 def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
@@ -532,7 +651,7 @@ def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
     return _Training(history, settings["epochs"], settings, first)
 
 
-def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: dict, seed: int,
+def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: RecipeSettings, seed: int,
          reference: _Reference, n_hold: int, log):
     """AdamW, warm-up + cosine decay, label smoothing; the best epoch on the hold-out kept."""
     import keras
@@ -663,7 +782,7 @@ class Recipe:
     scale_patience: bool  # patience grows with the epochs added for min_steps
 
     def settings(self, steps_per_epoch: int, epochs: int | None, learning_rate: float | None,
-                 patience: int | None) -> dict:
+                 patience: int | None) -> RecipeSettings:
         auto = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
         grown = (round(self.patience * auto / self.epochs)
                  if self.scale_patience and epochs is None else 0)
@@ -725,7 +844,7 @@ def _embed_cache(cache: ActivationCache, top) -> Iterator[tuple[list, np.ndarray
         yield list(sha), np.concatenate(vectors)
 
 
-def _stored_embeddings(store: str, rows: OriginalRows, problems: list):
+def _stored_embeddings(store: str, rows: OriginalRows, problems: list[LeftOutFile]):
     """The original store's vectors (view 0), one per image, in chunks: the kept weights'."""
     skipped = {p["sha256"] for p in problems}
     first = sorted({s: r for r, s in reversed(list(enumerate(rows.sha256)))
@@ -737,7 +856,8 @@ def _stored_embeddings(store: str, rows: OriginalRows, problems: list):
             yield list(rows.sha256[idx]), s.embeddings(view0[idx])
 
 
-def _embed_images(backbone: Backbone, root: Path, rows: OriginalRows, problems: list):
+def _embed_images(backbone: Backbone, root: Path, rows: OriginalRows,
+                  problems: list[LeftOutFile]):
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     first = list({s: r for r, s in reversed(list(enumerate(rows.sha256)))}.values())
     for batch in batched(_verified_images(root, rows, sorted(first), resizer, problems), 32):
@@ -798,7 +918,7 @@ class _Reference:
         """Could the sign test ever be significant: do enough hold-out rows stay to win?"""
         return int((~self.right).sum()) >= MIN_WINS
 
-    def plan(self) -> dict:
+    def plan(self) -> GuardPlan:
         n = len(self.right)
         return {"n_holdout": n, "frozen_holdout_errors": int((~self.right).sum()),
                 "min_wins_to_adopt": MIN_WINS,
@@ -840,7 +960,8 @@ def _plan_message(reference: _Reference, recipe: Recipe, guard: bool) -> str:
 
 
 def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path,
-                     rows: OriginalRows, fit_rows: np.ndarray, hold_rows: np.ndarray) -> dict:
+                     rows: OriginalRows, fit_rows: np.ndarray, hold_rows: np.ndarray
+                     ) -> HoldoutVerdict:
     """Is the head retrained on the tuned embeddings better? Judged on the hold-out only.
 
     The head of HEAD_DIR's type and parameters is fit on the fit rows of each store and
@@ -857,14 +978,15 @@ def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Pat
     wins = int(np.sum(right["tuned"] & ~right["original"]))
     losses = int(np.sum(right["original"] & ~right["tuned"]))
     p = sign_test_p(wins, losses)
+    accuracy = {k: round(float(v.mean()), 5) if len(v) else None for k, v in right.items()}
     return {"n_holdout": int(len(hold_rows)),
-            **{f"holdout_accuracy_{k}": round(float(v.mean()), 5) if len(v) else None
-               for k, v in right.items()},
+            "holdout_accuracy_original": accuracy["original"],
+            "holdout_accuracy_tuned": accuracy["tuned"],
             "only_tuned_right": wins, "only_original_right": losses,
             "p_value": round(p, 5), "tuned_significantly_better": p < ADOPT_P_VALUE}
 
 
-def _kept_message(verdict: dict) -> str:
+def _kept_message(verdict: HoldoutVerdict) -> str:
     return (f"keeping the original weights: on the {verdict['n_holdout']} hold-out images the "
             f"retrained head was right on {verdict['only_tuned_right']} the original missed and "
             f"wrong on {verdict['only_original_right']} it got (p = {verdict['p_value']:.2f}; "
@@ -894,7 +1016,7 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _scores(head, store: str, val_rows: np.ndarray, rows: OriginalRows) -> dict:
+def _scores(head, store: str, val_rows: np.ndarray, rows: OriginalRows) -> FinetuneScores:
     """Validation accuracy and macro F1 of HEAD_DIR's head on its own validation split."""
     from sklearn.metrics import accuracy_score, f1_score
 
