@@ -714,9 +714,13 @@ def export_cmd(head_dir, out, fmt, backbone_name, overwrite) -> None:
                    "1e-4 small, 1e-3 large].")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
               help="Rows per training step.")
-@click.option("--augment", default="flip", show_default=True, type=click.Choice(["flip", "none"]),
-              help="flip: random horizontal flips of the cached maps (from pixels: flip, "
-                   "rotation and zoom).")
+@click.option("--random-flip/--no-random-flip", default=True, show_default=True,
+              help="Flip training batches left to right at random (from pixels, block 0: also "
+                   "small random rotations and zooms). Not the store's augmented views: "
+                   "fine-tuning reads the original images only.")
+@click.option("--augment", type=click.Choice(["flip", "none"]), hidden=True,
+              help="Deprecated: --augment flip is --random-flip, --augment none is "
+                   "--no-random-flip.")
 @click.option("--patience", type=click.IntRange(1), metavar="INTEGER",
               help="Epochs without a lower hold-out loss before stopping; the best epoch, "
                    "the start included, is kept [default: 2, scaled up with the epochs the "
@@ -732,7 +736,8 @@ def export_cmd(head_dir, out, fmt, backbone_name, overwrite) -> None:
 @click.option("--backbone", "backbone_name", metavar="NAME", help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate, batch_size,
-                 augment, patience, cache_dir, guard, force, backbone_name, as_json) -> None:
+                 random_flip, augment, patience, cache_dir, guard, force, backbone_name,
+                 as_json) -> None:
     """Fine-tune the top of the backbone of the head in HEAD_DIR; rebuild store and head.
 
     First it says how many hold-out images (a part of the training split) the
@@ -754,9 +759,11 @@ def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate
 
     from embedstore.finetune import finetune
 
+    random_flip = _deprecated_augment(augment, random_flip)
     report = finetune(head_dir, out_dir, images=images, unfreeze_from=block, epochs=epochs,
-                      learning_rate=learning_rate, batch_size=batch_size, augment=augment,
-                      patience=patience, cache_dir=cache_dir, guard=guard, force=force,
+                      learning_rate=learning_rate, batch_size=batch_size,
+                      random_flip=random_flip, patience=patience, cache_dir=cache_dir,
+                      guard=guard, force=force,
                       recipe=recipe, log=lambda line: click.echo(line, err=True),
                       backbone_name=backbone_name)
     if as_json:
@@ -780,6 +787,21 @@ def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate
     written = ([out / "backbone"] if report["backbone"]["path"] else []) + [
         out / "store.h5", out / "head", out / "report.json"]
     click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+def _deprecated_augment(augment: str | None, random_flip: bool) -> bool:
+    """--augment flip|none (before --random-flip had its name), still taken: scripts that
+    pass it keep working, with a line saying what to write instead."""
+    if augment is None:
+        return random_flip
+    wanted = augment == "flip"
+    source = click.get_current_context().get_parameter_source("random_flip")
+    given = f"--{'' if random_flip else 'no-'}random-flip"
+    if source is not click.core.ParameterSource.DEFAULT and random_flip != wanted:
+        raise click.UsageError(f"--augment {augment} contradicts {given}; give only {given}")
+    click.echo(f"--augment {augment} is deprecated: use "
+               f"--{'' if wanted else 'no-'}random-flip", err=True)
+    return wanted
 
 
 # --- know your data ------------------------------------------------------------------

@@ -21,7 +21,7 @@ candidates, then re-score them on the full vectors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -41,6 +41,92 @@ CANDIDATES = 6  # neighbours kept per row (itself included) for re-scoring
 
 class AuditError(ValueError):
     """The store cannot be audited as asked, with what to do about it."""
+
+
+# --- the report (audit's return value, `audit --json`) ------------------------------------
+
+class GroupMember(TypedDict):
+    row: int  # in the store
+    path: str
+    split: str  # "train", "validation" or "unlabelled"
+    label: str | None
+
+
+class DuplicateGroup(TypedDict):
+    exact: bool  # every member has the same content hash
+    across_classes: bool
+    across_split: bool  # members in both training and validation: a leak
+    min_cosine: float
+    classes: list[str]  # "(unlabelled)" for unlabelled members
+    members: list[GroupMember]
+    reason: str
+
+
+class _LabelErrorRow(TypedDict):
+    row: int
+    given: str
+    suggested: str
+    p_given: float  # out-of-fold probability of the given label
+    p_suggested: float
+    reason: str
+
+
+class LabelError(_LabelErrorRow):
+    path: str
+    split: str
+
+
+class _OutlierRow(TypedDict):
+    row: int
+    label: str
+    score: float  # median absolute deviations below the class's median closeness
+    mean_cosine: float  # to its nearest images of its class
+    reason: str
+
+
+class Outlier(_OutlierRow):
+    path: str
+    split: str
+
+
+class AuditSummary(TypedDict):
+    duplicate_groups: int
+    exact_duplicate_groups: int
+    groups_across_classes: int
+    groups_across_split: int
+    rows_in_groups: int
+    likely_label_errors: int
+    outliers: int
+    oof_accuracy: float  # NaN when no out-of-fold probabilities could be had
+
+
+class AuditThresholds(TypedDict):
+    threshold: float
+    mutual_threshold: float
+    gap: float
+
+
+class AuditSplit(TypedDict):
+    val_fraction: float
+    seed: int
+
+
+class _AuditInputs(TypedDict):
+    store: str
+    rows: int  # images audited (view 0)
+    classes: list[str]
+    thresholds: AuditThresholds
+    split: AuditSplit
+
+
+class AuditReport(_AuditInputs):
+    """What `audit` returns: the summary counts everything, the lists are cut to `top`.
+    Rows are the store's; every item has a one-line reason."""
+
+    summary: AuditSummary
+    duplicates: list[DuplicateGroup]
+    label_errors: list[LabelError]
+    outliers: list[Outlier]
 
 
 # --- neighbours -------------------------------------------------------------------------
@@ -170,7 +256,7 @@ def split_leaks(store: str | Path, val_fraction: float = 0.2, seed: int = 0, **t
 def audit(store: str | Path, threshold: float = THRESHOLD,
           mutual_threshold: float = MUTUAL_THRESHOLD, gap: float = GAP,
           val_fraction: float = 0.2, seed: int = 0, folds: int = 5, top: int | None = 100,
-          outlier_k: int = 5) -> dict:
+          outlier_k: int = 5) -> AuditReport:
     """Duplicate groups, likely label errors and outliers in STORE, each ranked with a
     one-line reason. `val_fraction` and `seed` name the split `train` would use;
     `top` cuts each list (None: everything)."""
@@ -185,21 +271,23 @@ def audit(store: str | Path, threshold: float = THRESHOLD,
     split = _split_names(sha, labels, val_fraction, seed)
     space = search_space(X, seed)
     group_of = duplicate_group_ids(X, sha, space, threshold, mutual_threshold, gap)
-    info = {"store": str(store), "rows": int(len(rows)), "classes": classes,
+    info: _AuditInputs = {"store": str(store), "rows": int(len(rows)), "classes": classes,
             "thresholds": {"threshold": threshold, "mutual_threshold": mutual_threshold,
                            "gap": gap},
             "split": {"val_fraction": val_fraction, "seed": seed}}
     dups = _duplicate_groups(group_of, paths, sha, labels, classes, split, X)
-    errors, oof = _label_errors(X, labels, classes, group_of, folds, seed)
-    outliers = _outliers(X, space, labels, classes, outlier_k)
+    found, oof = _label_errors(X, labels, classes, group_of, folds, seed)
+    # rows so far are positions among the audited rows; the report gives the store's
+    errors: list[LabelError] = [{**e, "row": int(rows[e["row"]]), "path": paths[e["row"]],
+                                 "split": split[e["row"]]} for e in found]
+    outliers: list[Outlier] = [{**o, "row": int(rows[o["row"]]), "path": paths[o["row"]],
+                                "split": split[o["row"]]}
+                               for o in _outliers(X, space, labels, classes, outlier_k)]
     cut = (lambda xs: xs) if top is None else (lambda xs: xs[:top])
-    for item in errors + outliers:
-        item.update(path=paths[item["row"]], split=split[item["row"]])
-        item["row"] = int(rows[item["row"]])
     for g in dups:
         for m in g["members"]:
             m["row"] = int(rows[m["row"]])
-    summary = {"duplicate_groups": len(dups),
+    summary: AuditSummary = {"duplicate_groups": len(dups),
                "exact_duplicate_groups": sum(g["exact"] for g in dups),
                "groups_across_classes": sum(g["across_classes"] for g in dups),
                "groups_across_split": sum(g["across_split"] for g in dups),
@@ -220,11 +308,12 @@ def _split_names(sha, labels, val_fraction: float, seed: int) -> np.ndarray:
     return out
 
 
-def _duplicate_groups(group_of, paths, sha, labels, classes, split, X) -> list[dict]:
+def _duplicate_groups(group_of, paths, sha, labels, classes, split, X
+                      ) -> list[DuplicateGroup]:
     """Groups of two or more rows, leaks and label conflicts first, each with a reason."""
     order = np.argsort(group_of, kind="stable")
     bounds = np.flatnonzero(np.diff(group_of[order])) + 1
-    out = []
+    out: list[DuplicateGroup] = []
     for members in np.split(order, bounds):
         if len(members) < 2:
             continue
@@ -233,12 +322,14 @@ def _duplicate_groups(group_of, paths, sha, labels, classes, split, X) -> list[d
         exact = len(set(sha[members])) == 1
         V = X[members]
         min_cos = float(np.min(V @ V.T))
-        g: dict[str, Any] = {"exact": exact, "across_classes": len(names) > 1,
-             "across_split": splits == {"train", "validation"}, "min_cosine": round(min_cos, 4),
-             "classes": names,
-             "members": [{"row": int(m), "path": paths[m], "split": split[m],
-                          "label": classes[labels[m]] if labels[m] >= 0 else None}
-                         for m in members]}
+        g: DuplicateGroup = {
+            "exact": exact, "across_classes": len(names) > 1,
+            "across_split": splits == {"train", "validation"}, "min_cosine": round(min_cos, 4),
+            "classes": names,
+            "members": [{"row": int(m), "path": paths[m], "split": split[m],
+                         "label": classes[labels[m]] if labels[m] >= 0 else None}
+                        for m in members],
+            "reason": ""}  # said below, from the rest
         g["reason"] = _duplicate_reason(g)
         out.append(g)
     out.sort(key=lambda g: (not g["across_split"], not g["across_classes"], not g["exact"],
@@ -246,7 +337,7 @@ def _duplicate_groups(group_of, paths, sha, labels, classes, split, X) -> list[d
     return out
 
 
-def _duplicate_reason(g: dict) -> str:
+def _duplicate_reason(g: DuplicateGroup) -> str:
     what = "identical files" if g["exact"] else f"near duplicates (cosine >= {g['min_cosine']:.3f})"
     parts = [f"{len(g['members'])} {what}"]
     if g["across_split"]:
@@ -288,7 +379,8 @@ def out_of_fold_proba(X: np.ndarray, labels: np.ndarray, n_classes: int,
     return rows, proba
 
 
-def _label_errors(X, labels, classes, group_of, folds: int, seed: int) -> tuple[list, float]:
+def _label_errors(X, labels, classes, group_of, folds: int, seed: int
+                  ) -> tuple[list[_LabelErrorRow], float]:
     """Rows whose given label gets a low out-of-fold probability, lowest first, and the
     out-of-fold accuracy."""
     rows, proba = out_of_fold_proba(X, labels, len(classes), group_of, folds, seed)
@@ -297,7 +389,7 @@ def _label_errors(X, labels, classes, group_of, folds: int, seed: int) -> tuple[
     y = labels[rows]
     given = proba[np.arange(len(rows)), y]
     suggested = np.argmax(proba, axis=1)
-    out = []
+    out: list[_LabelErrorRow] = []
     for i in np.argsort(given, kind="stable"):
         if suggested[i] == y[i]:
             continue
@@ -311,9 +403,10 @@ def _label_errors(X, labels, classes, group_of, folds: int, seed: int) -> tuple[
     return out, round(float(np.mean(suggested == y)), 4)
 
 
-def _outliers(X, space, labels, classes, k: int, min_mads: float = 3.0) -> list[dict]:
+def _outliers(X, space, labels, classes, k: int, min_mads: float = 3.0
+              ) -> list[_OutlierRow]:
     """Rows far from their own class's nearest members, most isolated first."""
-    out = []
+    out: list[_OutlierRow] = []
     for c, name in enumerate(classes):
         members = np.flatnonzero(labels == c)
         if len(members) <= k + 1:

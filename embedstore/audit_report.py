@@ -5,7 +5,9 @@ class, and an index.html that shows them together."""
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -98,9 +100,10 @@ def _map(store: str | Path, path: Path, seed: int = 0) -> tuple[Path, str]:
     return path, method
 
 
-def write_report(result: dict, out_dir: str | Path, images: str | Path = ".",
+def write_report(result: Mapping[str, Any], out_dir: str | Path, images: str | Path = ".",
                  per_sheet: int = 24) -> Path:
-    """Contact sheets, the map and index.html for an `audit` result; returns index.html.
+    """Contact sheets, the map and index.html for an `audit` result (an AuditReport, or
+    its JSON read back); returns index.html.
     `images`: the folder the store was extracted from (stored paths are relative to it)."""
     out, images = Path(out_dir), Path(images)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,7 @@ def write_report(result: dict, out_dir: str | Path, images: str | Path = ".",
     return index
 
 
-def _html(result: dict, figures: list[tuple[str, Path]]) -> str:
+def _html(result: Mapping[str, Any], figures: list[tuple[str, Path]]) -> str:
     e = html.escape
     s = result["summary"]
     lines = [f"<!doctype html><meta charset='utf-8'><title>audit of {e(result['store'])}</title>",

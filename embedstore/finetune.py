@@ -5,7 +5,8 @@ cache) -> top blocks + softmax head trained on the cache -> tuned backbone
 saved -> store rebuilt from the same cache through the tuned top -> the same
 head type retrained on the rebuilt store. The original store and head are
 only read. With block 0 the whole network trains from pixels instead
-(streamed, augmented), and the rebuild re-reads the images.
+(streamed, randomly flipped, rotated and zoomed), and the rebuild re-reads the
+images.
 
 Before anything runs, the guard's hold-out is sized up: the sign test needs 5
 wins with no loss, so a hold-out on which the frozen head misses fewer than 5
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -69,9 +70,128 @@ class FinetuneError(ValueError):
     """Fine-tuning cannot run as asked, with what to do about it."""
 
 
+# --- the report (finetune's return value and OUT_DIR/report.json) ---------------------
+
+class FinetuneScores(TypedDict):
+    """A head's scores on its own validation split (None: the split had no rows)."""
+
+    val_accuracy: float | None
+    val_macro_f1: float | None
+
+
+class LeftOutFile(TypedDict):
+    """An image of the store left out of fine-tuning and of the rebuilt store."""
+
+    path: str
+    sha256: str
+    reason: str  # "missing", "changed since extraction", "cannot be read (...)"
+
+
+class GuardPlan(TypedDict):
+    """What the guard can show on the hold-out, known before training."""
+
+    n_holdout: int
+    frozen_holdout_errors: int
+    min_wins_to_adopt: int
+    smallest_detectable_gain: float | None  # None: no hold-out
+    can_adopt: bool
+
+
+class HoldoutVerdict(TypedDict):
+    """The frozen and the retrained head compared on the hold-out (a sign test)."""
+
+    n_holdout: int
+    holdout_accuracy_original: float | None  # None: no hold-out
+    holdout_accuracy_tuned: float | None
+    only_tuned_right: int
+    only_original_right: int
+    p_value: float
+    tuned_significantly_better: bool
+
+
+class _VerdictKeys(TypedDict, total=False):
+    # HoldoutVerdict's, in a report only when training ran (total=False rather than
+    # NotRequired: __optional_keys__ stays right at runtime under PEP 563 on 3.11)
+    holdout_accuracy_original: float | None
+    holdout_accuracy_tuned: float | None
+    only_tuned_right: int
+    only_original_right: int
+    p_value: float
+    tuned_significantly_better: bool
+
+
+class GuardReport(GuardPlan, _VerdictKeys):
+    """The guard: whether it was on, its plan, and its verdict when training ran."""
+
+    enabled: bool
+
+
+class BackboneChange(TypedDict):
+    before: str  # fingerprints: HEAD_DIR's backbone, the one OUT_DIR's store and head name
+    after: str
+    path: str | None  # OUT_DIR/backbone, None when training never ran
+
+
+class CacheInfo(TypedDict):
+    dir: str
+    bytes: int
+
+
+class RecipeSettings(TypedDict):
+    epochs: int
+    learning_rate: float
+    patience: int
+    batchnorm: str  # "train" or "inference"
+    start: str  # "head" or "fresh"
+
+
+class _ReportInputs(TypedDict):
+    """The part of the report known before any training."""
+
+    head_dir: str
+    store: str
+    out_dir: str
+    head: str
+    recipe: str  # "small" or "large"
+    n_fit: int
+    n_holdout: int
+    n_val: int
+    before: FinetuneScores
+    dropped_augmented_views: int
+
+
+class _TrainingKeys(TypedDict, total=False):
+    """The part of the report there only when training ran."""
+
+    block: str  # the first trained layer's name, "0" for pixels
+    recipe_settings: RecipeSettings
+    epochs: int  # planned; epochs_run may be fewer (early stopping)
+    history: dict[str, list[float]]  # Keras's, per epoch
+    start: dict[str, float]  # hold-out loss and accuracy before any update
+    peak_rss_mb_through_training: float
+
+
+class FinetuneReport(_ReportInputs, _TrainingKeys):
+    """What `finetune` returns and writes to OUT_DIR/report.json. The keys of
+    _TrainingKeys (block, recipe_settings, epochs, history, start,
+    peak_rss_mb_through_training) are there only when training ran
+    (stopped_before_training False)."""
+
+    stopped_before_training: bool
+    kept_original_weights: bool
+    guard: GuardReport
+    epochs_run: int
+    after: FinetuneScores
+    backbone: BackboneChange
+    left_out: list[LeftOutFile]
+    cache: CacheInfo | None  # None: no activation cache (from pixels, or never trained)
+    timings: dict[str, float]  # "<stage>_seconds"
+
+
 @dataclass
-class Rows:
-    """The original images of a store (view 0), as the rebuild must reproduce them."""
+class OriginalRows:
+    """The store's original rows (view 0: no augmented views), as the rebuild must
+    reproduce them."""
 
     paths: np.ndarray
     sha256: np.ndarray
@@ -81,16 +201,16 @@ class Rows:
     dropped_views: int
 
 
-def _read_rows(store: str) -> tuple[Rows, dict]:
+def _read_rows(store: str) -> tuple[OriginalRows, dict]:
     with open_store(store) as s:
         views = s.views
         keep = views == 0
-        rows = Rows(s.paths[keep], s.sha256[keep], s.labels[keep], s.classes, s.failures(),
-                    int((~keep).sum()))
+        rows = OriginalRows(s.paths[keep], s.sha256[keep], s.labels[keep], s.classes,
+                            s.failures(), int((~keep).sum()))
         return rows, s.backbone
 
 
-def _split(rows: Rows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(rows: OriginalRows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val), the head's split (train.load_split's rule on view 0)."""
     labelled = np.flatnonzero(rows.labels >= 0)
     is_val = validation_mask(rows.sha256[labelled], rows.labels[labelled], val_fraction, seed)
@@ -106,10 +226,10 @@ def _log_default(message: str) -> None:
 def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | None = None,
              unfreeze_from: int | str = DEFAULT_BLOCK, epochs: int | None = None,
              learning_rate: float | None = None, batch_size: int = 64,
-             augment: str = "flip", patience: int | None = None,
+             random_flip: bool = True, patience: int | None = None,
              cache_dir: str | Path | None = None, log: Callable[[str], None] = _log_default,
              backbone_name: str | None = None, guard: bool = True, force: bool = False,
-             recipe: str = "auto") -> dict:
+             recipe: str = "auto") -> FinetuneReport:
     """Fine-tune the backbone of the head in HEAD_DIR; write OUT_DIR; return the report.
 
     backbone_name: the head's backbone as the user names it (required for a
@@ -119,6 +239,9 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     weights even when the hold-out does not show them better. When the
     hold-out is too small for the guard ever to adopt, nothing is trained and
     OUT_DIR gets the original weights, unless force (or guard=False).
+    random_flip: flip the training batches at random, left to right (from pixels,
+    block 0: also small random rotations and zooms); a training-time transform,
+    unrelated to the augmented views a store may hold (fine-tuning reads view 0 only).
     """
     timings: dict[str, float] = {}
     manifest = read_manifest(head_dir)
@@ -131,7 +254,7 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     chosen = choose_recipe(len(fit_rows), recipe)
     reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     log(_plan_message(reference, chosen, guard))
-    common = {"head_dir": str(Path(head_dir).resolve()), "store": store,
+    common: _ReportInputs = {"head_dir": str(Path(head_dir).resolve()), "store": store,
               "out_dir": str(out.resolve()), "head": manifest.head, "recipe": chosen.name,
               "n_fit": len(fit_rows), "n_holdout": len(hold_rows), "n_val": int(len(val_rows)),
               "before": before, "dropped_augmented_views": rows.dropped_views}
@@ -141,35 +264,36 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
         shutil.rmtree(out / "backbone", ignore_errors=True)  # an earlier run's, if any
         with _stage(timings, "head"):
             after = _write_original(manifest, out, rows, store_backbone, [])
-        report = {**common, "stopped_before_training": True, "kept_original_weights": True,
-                  "guard": {"enabled": guard, **reference.plan()}, "epochs_run": 0,
-                  "after": after, "backbone": {"before": store_backbone["fingerprint"],
-                                               "after": store_backbone["fingerprint"],
-                                               "path": None},
-                  "left_out": [], "cache": None, "timings": timings}
+        report: FinetuneReport = {
+            **common, "stopped_before_training": True, "kept_original_weights": True,
+            "guard": {"enabled": guard, **reference.plan()}, "epochs_run": 0,
+            "after": after, "backbone": {"before": store_backbone["fingerprint"],
+                                         "after": store_backbone["fingerprint"],
+                                         "path": None},
+            "left_out": [], "cache": None, "timings": timings}
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
     backbone = _load_head_backbone(manifest, head_dir, backbone_name)
     with _stage(timings, "cache"):
-        source = _training_source(backbone, unfreeze_from, rows, images, store, cache_dir, log)
-    skipped = {p["sha256"] for p in source.problems}
+        feed = _training_feed(backbone, unfreeze_from, rows, images, store, cache_dir, log)
+    skipped = {p["sha256"] for p in feed.problems}
     if skipped:  # files gone or changed since extraction: out of training and of the guard
         fit_rows, hold_rows = (np.array([r for r in idx if rows.sha256[r] not in skipped],
                                         np.int64) for idx in (fit_rows, hold_rows))
         reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     original_weights = backbone.model.get_weights()
     with _stage(timings, "train"):
-        training = _train_top(source, rows, fit_rows, hold_rows, np.asarray(head.classes_),
-                              manifest.seed, chosen, epochs, learning_rate, batch_size, augment,
-                              patience, reference, log)
+        training = _train_top(feed, rows, fit_rows, hold_rows, np.asarray(head.classes_),
+                              manifest.seed, chosen, epochs, learning_rate, batch_size,
+                              random_flip, patience, reference, log)
     peak_rss_mb = _peak_rss_mb()  # the process's peak so far: caching and training
     with _stage(timings, "save"):
         tuned = _save_backbone(backbone, out / "backbone")
     new_store = out / "store.h5"
     with _stage(timings, "rebuild"):
         _rebuild_store(new_store, backbone_meta(tuned), rows,
-                       source.embeddings(tuned, rows, unfreeze_from), source.problems)
+                       feed.embeddings(tuned, rows, unfreeze_from), feed.problems)
     with _stage(timings, "guard"):
         verdict = _holdout_verdict(manifest, reference, new_store, rows, fit_rows, hold_rows)
         adopted = verdict["tuned_significantly_better"] or not guard
@@ -180,11 +304,11 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
             _save_backbone(backbone, out / "backbone", kept_original=True)
     with _stage(timings, "head"):
         after = (_retrain(manifest, new_store, out) if adopted else
-                 _write_original(manifest, out, rows, store_backbone, source.problems))
+                 _write_original(manifest, out, rows, store_backbone, feed.problems))
 
     history = training.history
     report = {
-        **common, "stopped_before_training": False, "block": source.block,
+        **common, "stopped_before_training": False, "block": feed.block,
         "recipe_settings": training.settings, "epochs": training.epochs,
         "epochs_run": len(history.epoch), "kept_original_weights": not adopted,
         "guard": {"enabled": guard, **reference.plan(), **verdict},
@@ -193,16 +317,16 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
         "backbone": {"before": backbone.fingerprint,
                      "after": tuned.fingerprint if adopted else store_backbone["fingerprint"],
                      "path": str((out / "backbone").resolve())},
-        "left_out": source.problems,
-        "cache": None if source.cache is None else {"dir": str(source.cache.dir),
-                                                    "bytes": source.cache.nbytes()},
+        "left_out": feed.problems,
+        "cache": None if feed.cache is None else {"dir": str(feed.cache.dir),
+                                                    "bytes": feed.cache.nbytes()},
         "timings": timings, "peak_rss_mb_through_training": peak_rss_mb,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
+def _retrain(manifest: HeadManifest, store: Path, out: Path) -> FinetuneScores:
     """OUT_DIR/head: the head's type and parameters trained on STORE, its scores."""
     # write_head_dir builds it beside and renames it in: a re-run replaces it atomically
     metrics = train(store, out / "head", head=manifest.head, val_fraction=manifest.val_fraction,
@@ -211,8 +335,8 @@ def _retrain(manifest: HeadManifest, store: Path, out: Path) -> dict:
             "val_macro_f1": metrics.get("val_macro_f1")}
 
 
-def _write_original(manifest: HeadManifest, out: Path, rows: Rows, store_backbone: dict,
-                    problems: list) -> dict:
+def _write_original(manifest: HeadManifest, out: Path, rows: OriginalRows, store_backbone: dict,
+                    problems: list[LeftOutFile]) -> FinetuneScores:
     """OUT_DIR/store.h5 and head with the original backbone: its name, fingerprint, vectors."""
     new_store = out / "store.h5"
     _rebuild_store(new_store, store_backbone, rows,
@@ -230,7 +354,7 @@ def _stage(timings: dict, name: str) -> Iterator[None]:
 
 # --- inputs --------------------------------------------------------------------------
 
-def _checked_inputs(manifest: HeadManifest, head_dir, out: Path) -> tuple[Rows, dict]:
+def _checked_inputs(manifest: HeadManifest, head_dir, out: Path) -> tuple[OriginalRows, dict]:
     """The store's rows and backbone record, once every input is known to fit."""
     _check_out_dir(out, head_dir, manifest.store)
     if manifest.backbone.name.startswith("hub:"):
@@ -282,8 +406,8 @@ def _images_root(images, store: str, cache: ActivationCache | None) -> Path:
     return root.resolve()
 
 
-def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
-                     problems: list | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def _verified_images(root: Path, rows: OriginalRows, indices, resizer: Resizer,
+                     problems: list[LeftOutFile] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(sha256, decoded image) of each row whose file still has the store's content."""
     indices = list(indices)
     files = [str(root / rows.paths[r]) for r in indices]
@@ -306,7 +430,7 @@ def _verified_images(root: Path, rows: Rows, indices, resizer: Resizer,
 # --- what the top trains on ----------------------------------------------------------
 
 @dataclass
-class _Source:
+class _TrainingFeed:
     """What the top trains on: the activation cache at a block, or pixels (block 0)."""
 
     block: str  # the block's entry layer name, "0" for pixels
@@ -314,19 +438,19 @@ class _Source:
     resizer: Resizer
     cache: ActivationCache | None  # None: train from pixels under root
     root: Path | None  # set when cache is None
-    problems: list[dict]  # files left out: missing, changed, unreadable
+    problems: list[LeftOutFile]  # files left out: missing, changed, unreadable
 
-    def dataset(self, rows: Rows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
-                augment: str, shuffle: bool):
+    def dataset(self, rows: OriginalRows, idx: np.ndarray, classes: np.ndarray, batch_size: int,
+                random_flip: bool, shuffle: bool):
         label_of = {rows.sha256[r]: int(np.searchsorted(classes, rows.labels[r])) for r in idx}
         if self.cache is None:
             assert self.root is not None
             return _pixel_dataset(self.root, rows, idx, label_of, self.resizer, len(classes),
                                   batch_size, shuffle)
         return _cache_dataset(self.cache, label_of, len(classes), batch_size, shuffle,
-                              augment == "flip" and shuffle)
+                              random_flip and shuffle)
 
-    def embeddings(self, tuned: Backbone, rows: Rows, unfreeze_from: int | str):
+    def embeddings(self, tuned: Backbone, rows: OriginalRows, unfreeze_from: int | str):
         """(sha256s, vectors) chunks of every image through the tuned backbone."""
         if self.cache is None:
             assert self.root is not None
@@ -334,14 +458,15 @@ class _Source:
         return _embed_cache(self.cache, split_at(tuned.model, unfreeze_from)[1])
 
 
-def _training_source(backbone: Backbone, unfreeze_from: int | str, rows: Rows, images,
-                     store: str, cache_dir, log) -> _Source:
+def _training_feed(backbone: Backbone, unfreeze_from: int | str, rows: OriginalRows, images,
+                   store: str, cache_dir, log) -> _TrainingFeed:
     """Block 0: the images themselves; else the activation cache at the block, filled."""
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     if str(unfreeze_from) == "0":
         log("fine-tuning the whole network from pixels: on a CPU this is slow "
             "(every epoch runs the full backbone forward and backward)")
-        return _Source("0", backbone.model, resizer, None, _images_root(images, store, None), [])
+        return _TrainingFeed("0", backbone.model, resizer, None,
+                             _images_root(images, store, None), [])
     block = entry_layer_name(backbone.model, unfreeze_from)
     bottom, top = split_at(backbone.model, unfreeze_from)
     cache = ActivationCache(
@@ -350,13 +475,13 @@ def _training_source(backbone: Backbone, unfreeze_from: int | str, rows: Rows, i
          "shape": [int(d) for d in bottom.output.shape[1:]], "dtype": "float16",
          "store": store})
     problems = _fill_cache(cache, bottom, resizer, rows, images, store, log)
-    return _Source(block, top, resizer, cache, None, problems)
+    return _TrainingFeed(block, top, resizer, cache, None, problems)
 
 
 # --- the activation cache ------------------------------------------------------------
 
-def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Rows, images,
-                store: str, log) -> list[dict]:
+def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: OriginalRows, images,
+                store: str, log) -> list[LeftOutFile]:
     """Cache every image of the store not cached yet; returns the files left out."""
     import tensorflow as tf
 
@@ -370,7 +495,7 @@ def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Rows, im
             seen.add(sha)
             todo.append(r)
     # files left out by an earlier run stay out, unless --images is given to try them again
-    problems: list[dict] = [] if images else list(cache.meta.get("left_out", []))
+    problems: list[LeftOutFile] = [] if images else list(cache.meta.get("left_out", []))
     left = {p["sha256"] for p in problems}
     todo = [r for r in todo if rows.sha256[r] not in left]
     if not todo:
@@ -379,7 +504,7 @@ def _fill_cache(cache: ActivationCache, bottom, resizer: Resizer, rows: Rows, im
     root = _images_root(images, store, cache)
     log(f"caching block inputs of {len(todo)} images in {cache.dir} ({len(done)} cached)")
     run = tf.function(lambda x: bottom(x, training=False), autograph=False)
-    new_problems: list[dict] = []
+    new_problems: list[LeftOutFile] = []
     images_iter = _verified_images(root, rows, todo, resizer, new_problems)
     for chunk in batched(images_iter, CHUNK_IMAGES):
         parts = [run(resizer.batch([img for _, img in b])).numpy()
@@ -424,7 +549,7 @@ def _cache_dataset(cache: ActivationCache, label_of: dict, n_classes: int, batch
     return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
-def _pixel_dataset(root: Path, rows: Rows, indices, label_of: dict, resizer: Resizer,
+def _pixel_dataset(root: Path, rows: OriginalRows, indices, label_of: dict, resizer: Resizer,
                    n_classes: int, batch_size: int, shuffle: bool):
     """tf.data streaming decoded images from files: memory bounded by the buffers."""
     import tensorflow as tf
@@ -455,7 +580,7 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe: Recipe,
+def _training_model(top, n_classes: int, from_pixels: bool, random_flip: bool, recipe: Recipe,
                     start: tuple[np.ndarray, np.ndarray] | None):
     """top -> a softmax layer, trainable as the recipe says.
 
@@ -474,7 +599,7 @@ def _training_model(top, n_classes: int, from_pixels: bool, augment: str, recipe
             layer.trainable = recipe.batchnorm == "train"  # not trainable: inference mode
     inputs = keras.Input(top.input.shape[1:])
     x = inputs
-    if from_pixels and augment != "none":
+    if from_pixels and random_flip:
         x = keras.layers.RandomFlip("horizontal")(x)
         x = keras.layers.RandomRotation(0.05, fill_mode="reflect")(x)
         x = keras.layers.RandomZoom(0.1, fill_mode="reflect")(x)
@@ -491,15 +616,15 @@ class _Training:
 
     history: Any  # keras History
     epochs: int
-    settings: dict
-    start: dict  # the hold-out loss and accuracy before any update
+    settings: RecipeSettings
+    start: dict[str, float]  # the hold-out loss and accuracy before any update
 
 
-def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.ndarray,
-               classes: np.ndarray, seed: int, recipe: Recipe, epochs: int | None,
-               learning_rate: float | None, batch_size: int, augment: str,
-               patience: int | None, reference: _Reference, log) -> _Training:
-    """Train source.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
+def _train_top(feed: _TrainingFeed, rows: OriginalRows, fit_rows: np.ndarray,
+               hold_rows: np.ndarray, classes: np.ndarray, seed: int, recipe: Recipe,
+               epochs: int | None, learning_rate: float | None, batch_size: int,
+               random_flip: bool, patience: int | None, reference: _Reference, log) -> _Training:
+    """Train feed.top plus a softmax layer as the recipe says (then recalibrate BatchNorm
     if it trained); the weights left are the best on the hold-out, the start included."""
     import keras
 
@@ -507,11 +632,11 @@ def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.
     # drawn from the global seed when they are built, not when training starts
     keras.utils.set_random_seed(seed)
     start = reference.softmax_start(classes) if recipe.start == "head" else None
-    model = _training_model(source.top, len(classes), source.cache is None, augment, recipe,
+    model = _training_model(feed.top, len(classes), feed.cache is None, random_flip, recipe,
                             start)
 
     def make(idx: np.ndarray, shuffle: bool):
-        return source.dataset(rows, idx, classes, batch_size, augment, shuffle)
+        return feed.dataset(rows, idx, classes, batch_size, random_flip, shuffle)
 
     per_epoch = max(1, math.ceil(len(fit_rows) / batch_size))
     settings = recipe.settings(per_epoch, epochs, learning_rate, patience)
@@ -522,11 +647,11 @@ def _train_top(source: _Source, rows: Rows, fit_rows: np.ndarray, hold_rows: np.
     history, first = _fit(model, make(fit_rows, True), make(hold_rows, False), per_epoch,
                           settings, seed, reference, len(hold_rows), log)
     if recipe.batchnorm == "train":
-        _recalibrate_batchnorm(source.top, make(fit_rows, True))
+        _recalibrate_batchnorm(feed.top, make(fit_rows, True))
     return _Training(history, settings["epochs"], settings, first)
 
 
-def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: dict, seed: int,
+def _fit(model, train_ds, holdout_ds, per_epoch: int, settings: RecipeSettings, seed: int,
          reference: _Reference, n_hold: int, log):
     """AdamW, warm-up + cosine decay, label smoothing; the best epoch on the hold-out kept."""
     import keras
@@ -657,7 +782,7 @@ class Recipe:
     scale_patience: bool  # patience grows with the epochs added for min_steps
 
     def settings(self, steps_per_epoch: int, epochs: int | None, learning_rate: float | None,
-                 patience: int | None) -> dict:
+                 patience: int | None) -> RecipeSettings:
         auto = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
         grown = (round(self.patience * auto / self.epochs)
                  if self.scale_patience and epochs is None else 0)
@@ -687,7 +812,8 @@ def choose_recipe(n_fit: int, name: str = "auto") -> Recipe:
     return RECIPES[name]
 
 
-def _holdout(rows: Rows, train_rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(rows: OriginalRows, train_rows: np.ndarray, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Early stopping watches a hold-out of the training rows, never the validation split."""
     is_hold = validation_mask(rows.sha256[train_rows], rows.labels[train_rows],
                               HOLDOUT_FRACTION, seed + 1)
@@ -718,7 +844,7 @@ def _embed_cache(cache: ActivationCache, top) -> Iterator[tuple[list, np.ndarray
         yield list(sha), np.concatenate(vectors)
 
 
-def _stored_embeddings(store: str, rows: Rows, problems: list):
+def _stored_embeddings(store: str, rows: OriginalRows, problems: list[LeftOutFile]):
     """The original store's vectors (view 0), one per image, in chunks: the kept weights'."""
     skipped = {p["sha256"] for p in problems}
     first = sorted({s: r for r, s in reversed(list(enumerate(rows.sha256)))
@@ -730,14 +856,15 @@ def _stored_embeddings(store: str, rows: Rows, problems: list):
             yield list(rows.sha256[idx]), s.embeddings(view0[idx])
 
 
-def _embed_images(backbone: Backbone, root: Path, rows: Rows, problems: list):
+def _embed_images(backbone: Backbone, root: Path, rows: OriginalRows,
+                  problems: list[LeftOutFile]):
     resizer = Resizer(backbone.input_size, backbone.crop_fraction)
     first = list({s: r for r, s in reversed(list(enumerate(rows.sha256)))}.values())
     for batch in batched(_verified_images(root, rows, sorted(first), resizer, problems), 32):
         yield [s for s, _ in batch], backbone.embed(resizer.batch([img for _, img in batch]))
 
 
-def _rebuild_store(path: Path, backbone: dict, rows: Rows, embeddings, problems) -> None:
+def _rebuild_store(path: Path, backbone: dict, rows: OriginalRows, embeddings, problems) -> None:
     """OUT_DIR/store.h5: the original rows (view 0) with these embeddings, made by the
     backbone this record (extract.backbone_meta) describes."""
     for stale in (path, Path(f"{path}.parts")):  # an earlier run's output, never the original
@@ -774,7 +901,7 @@ class _Reference:
     fit_y: np.ndarray
 
     @classmethod
-    def fit(cls, manifest: HeadManifest, store: str, rows: Rows, fit_rows: np.ndarray,
+    def fit(cls, manifest: HeadManifest, store: str, rows: OriginalRows, fit_rows: np.ndarray,
             hold_rows: np.ndarray) -> _Reference:
         X, y = _embeddings_of(store, rows, fit_rows), rows.labels[fit_rows]
         head = make_head(manifest.head, **manifest.params).fit(X, y)
@@ -791,7 +918,7 @@ class _Reference:
         """Could the sign test ever be significant: do enough hold-out rows stay to win?"""
         return int((~self.right).sum()) >= MIN_WINS
 
-    def plan(self) -> dict:
+    def plan(self) -> GuardPlan:
         n = len(self.right)
         return {"n_holdout": n, "frozen_holdout_errors": int((~self.right).sum()),
                 "min_wins_to_adopt": MIN_WINS,
@@ -832,8 +959,9 @@ def _plan_message(reference: _Reference, recipe: Recipe, guard: bool) -> str:
     return said + f" (recipe: {recipe.name})"
 
 
-def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path, rows: Rows,
-                     fit_rows: np.ndarray, hold_rows: np.ndarray) -> dict:
+def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Path,
+                     rows: OriginalRows, fit_rows: np.ndarray, hold_rows: np.ndarray
+                     ) -> HoldoutVerdict:
     """Is the head retrained on the tuned embeddings better? Judged on the hold-out only.
 
     The head of HEAD_DIR's type and parameters is fit on the fit rows of each store and
@@ -850,14 +978,15 @@ def _holdout_verdict(manifest: HeadManifest, reference: _Reference, rebuilt: Pat
     wins = int(np.sum(right["tuned"] & ~right["original"]))
     losses = int(np.sum(right["original"] & ~right["tuned"]))
     p = sign_test_p(wins, losses)
+    accuracy = {k: round(float(v.mean()), 5) if len(v) else None for k, v in right.items()}
     return {"n_holdout": int(len(hold_rows)),
-            **{f"holdout_accuracy_{k}": round(float(v.mean()), 5) if len(v) else None
-               for k, v in right.items()},
+            "holdout_accuracy_original": accuracy["original"],
+            "holdout_accuracy_tuned": accuracy["tuned"],
             "only_tuned_right": wins, "only_original_right": losses,
             "p_value": round(p, 5), "tuned_significantly_better": p < ADOPT_P_VALUE}
 
 
-def _kept_message(verdict: dict) -> str:
+def _kept_message(verdict: HoldoutVerdict) -> str:
     return (f"keeping the original weights: on the {verdict['n_holdout']} hold-out images the "
             f"retrained head was right on {verdict['only_tuned_right']} the original missed and "
             f"wrong on {verdict['only_original_right']} it got (p = {verdict['p_value']:.2f}; "
@@ -873,7 +1002,7 @@ def sign_test_p(wins: int, losses: int) -> float:
 MIN_WINS = _smallest_significant_wins()
 
 
-def _embeddings_of(store: str | Path, rows: Rows, idx: np.ndarray) -> np.ndarray:
+def _embeddings_of(store: str | Path, rows: OriginalRows, idx: np.ndarray) -> np.ndarray:
     """The view-0 vectors of rows idx, found by path (the rebuilt store has its own order)."""
     with open_store(store) as s:
         view0 = np.flatnonzero(s.views == 0)
@@ -887,7 +1016,7 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _scores(head, store: str, val_rows: np.ndarray, rows: Rows) -> dict:
+def _scores(head, store: str, val_rows: np.ndarray, rows: OriginalRows) -> FinetuneScores:
     """Validation accuracy and macro F1 of HEAD_DIR's head on its own validation split."""
     from sklearn.metrics import accuracy_score, f1_score
 

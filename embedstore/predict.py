@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -41,13 +42,35 @@ class PredictError(ValueError):
     """Nothing can be predicted as asked, with what to do about it."""
 
 
-def expand_paths(paths: list[str]) -> tuple[list[str], list[dict]]:
+class ClassProbability(TypedDict):
+    label: str
+    probability: float
+
+
+class _PredictionPath(TypedDict):
+    path: str  # as given, or as found in a folder or file list
+
+
+class Prediction(_PredictionPath, total=False):
+    """One file's answer from `predict`: path, and either label, probability, top_k and
+    cached (plus unknown with unknown_below), or error."""
+
+    label: str | None  # None when unknown
+    probability: float  # of the top class, calibrated when the head has a temperature
+    top_k: list[ClassProbability]  # best first
+    cached: bool  # the vector came from the store, the backbone did not run
+    unknown: bool  # only with unknown_below: the top probability is below it
+    error: str  # the file could not be read, or a folder left it out
+
+
+def expand_paths(paths: list[str]) -> tuple[list[str], list[Prediction]]:
     """The image files `paths` name, as `extract` reads them (embedstore.sources.scan):
     images, folders (recursive), text files of image paths. Returns the files in
     order and {path, error} for what a folder left out (links leading out of it,
     unreadable folders). A missing path or a file that is neither is kept as a
     file, so that it is reported as failed."""
-    files, skipped = [], []
+    files: list[str] = []
+    skipped: list[Prediction] = []
     for p in paths:
         if not os.path.exists(p) or (os.path.isfile(p) and is_image_name(os.path.basename(p))):
             files.append(p)
@@ -82,8 +105,9 @@ def _cached_vectors(store, manifest: HeadManifest, head_dir) -> tuple[dict, Read
 def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
             store: str | Path | None = None, batch_size: int = 32,
             backbone: Backbone | str | None = None,
-            runtime: str = DEFAULT_RUNTIME, unknown_below: float | None = None) -> list[dict]:
-    """One dict per file, in input order: path, label, probability, top_k, cached; or path,
+            runtime: str = DEFAULT_RUNTIME, unknown_below: float | None = None
+            ) -> list[Prediction]:
+    """One Prediction per file, in input order: path, label, probability, top_k, cached; or path,
     error. `paths` are what `extract` takes: images, folders, text files of image
     paths. What folders left out (links leading out of them) follows, as errors.
 
@@ -117,7 +141,7 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
     if store is not None:
         cached_rows, reader = _cached_vectors(store, manifest, head_dir)
     resizer = Resizer(manifest.backbone.input_size, manifest.backbone.crop_fraction)
-    results: list[dict] = [{} for _ in files]
+    results: list[Prediction] = [{"path": f} for f in files]  # each replaced below
     vectors: dict[int, np.ndarray] = {}
     pending: list = []
 
@@ -132,9 +156,10 @@ def predict(head_dir: str | Path, paths: list[str], top_k: int = 3,
                                   temperature)
         for i, p in zip(order, proba):
             best = np.argsort(-p)[:k]
-            results[i].update(label=classes[best[0]], probability=float(p[best[0]]),
-                              top_k=[{"label": classes[j], "probability": float(p[j])}
-                                     for j in best])
+            results[i]["label"] = classes[best[0]]
+            results[i]["probability"] = float(p[best[0]])
+            results[i]["top_k"] = [{"label": classes[j], "probability": float(p[j])}
+                                   for j in best]
             if unknown_below is not None:
                 results[i]["unknown"] = bool(p[best[0]] < unknown_below)
                 if results[i]["unknown"]:

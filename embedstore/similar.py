@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import numpy as np
 
@@ -25,6 +26,23 @@ CHUNK_ROWS = 4096  # 20 MB blocks: 3x faster than 160 MB ones (no fresh pages pe
 
 class SimilarError(ValueError):
     """A query that cannot be answered, with what to do about it."""
+
+
+class Neighbour(TypedDict):
+    row: int  # in the store
+    path: str
+    similarity: float  # cosine, rounded to 6 places
+    label: str | None  # None: unlabelled
+
+
+class SimilarResult(TypedDict):
+    """One query's answer from `similar`."""
+
+    query: str
+    # "store": a path in the store; "cached": a file whose content the store holds;
+    # "embedded": a file embedded with the store's backbone
+    source: Literal["store", "cached", "embedded"]
+    neighbours: list[Neighbour]  # best first, the query's own row left out
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -62,13 +80,13 @@ def top_k(queries: np.ndarray, blocks, k: int, unit_blocks: bool = False
 
 
 def similar(store: str | Path, queries: list[str], k: int = 10, chunk_rows: int = CHUNK_ROWS,
-            runtime: str = DEFAULT_RUNTIME, backbone=None) -> list[dict]:
+            runtime: str = DEFAULT_RUNTIME, backbone=None) -> list[SimilarResult]:
     """The k rows of STORE most similar (cosine) to each query, best first.
 
     A query is a path as the store records it (its own row is left out of the
-    answer) or an image file. Returns one dict per query: query, source
-    ("store", "cached" or "embedded"), neighbours [{row, path, label,
-    similarity}]. `backbone`: an already loaded Backbone for image queries.
+    answer) or an image file. Returns one SimilarResult per query: query,
+    source ("store", "cached" or "embedded"), neighbours [{row, path,
+    similarity, label}]. `backbone`: an already loaded Backbone for image queries.
     """
     if k < 1:
         raise SimilarError(f"k must be at least 1, not {k}")
@@ -79,7 +97,7 @@ def similar(store: str | Path, queries: list[str], k: int = 10, chunk_rows: int 
         # views into the store's memory map, never copies: one pass over the page cache
         sims, rows = top_k(normalise(vectors), reader.iter_embeddings(chunk_rows, copy=False),
                            k + 1)
-    out = []
+    out: list[SimilarResult] = []
     for q, src, own, s_row, r_row in zip(queries, sources, own_rows, sims, rows):
         keep = [(s, r) for s, r in zip(s_row, r_row) if r != own][:k]
         out.append({"query": q, "source": src, "neighbours": [

@@ -14,7 +14,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.audit import audit, near_duplicate_pairs
+from embedstore.audit import (
+    AuditReport,
+    AuditSummary,
+    DuplicateGroup,
+    GroupMember,
+    LabelError,
+    Outlier,
+    audit,
+    near_duplicate_pairs,
+)
 from embedstore.extract import extract
 from embedstore.splits import hash_unit
 from embedstore_cli.app import cli
@@ -105,6 +114,18 @@ def test_outliers_are_ranked_with_a_reason(result):
     scores = [o["score"] for o in result["outliers"]]
     assert scores == sorted(scores, reverse=True)
     assert all("nearest" in o["reason"] for o in result["outliers"])
+
+
+def test_the_result_is_an_audit_report(result):
+    """Every key the TypedDicts name is there, and nothing else (they are the JSON's shape)."""
+    assert set(result) == set(AuditReport.__annotations__)
+    assert set(result["summary"]) == set(AuditSummary.__annotations__)
+    assert result["duplicates"] and result["label_errors"] and result["outliers"]
+    for group in result["duplicates"]:
+        assert set(group) == set(DuplicateGroup.__annotations__)
+        assert all(set(m) == set(GroupMember.__annotations__) for m in group["members"])
+    assert all(set(e) == set(LabelError.__annotations__) for e in result["label_errors"])
+    assert all(set(o) == set(Outlier.__annotations__) for o in result["outliers"])
 
 
 def test_mutual_nearest_neighbours_pair_below_the_threshold():

@@ -97,7 +97,12 @@ def test_predict_unknown_below(trained):
     probs = sorted(r["probability"] for r in plain)
     cut = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2  # flags half of them
     flagged = json.loads(runner.invoke(cli, base + ["--unknown-below", str(cut)]).output)
-    for r, f in zip(plain, flagged):
+    from embedstore.predict import ClassProbability, Prediction
+
+    for r, f in zip(plain, flagged):  # what predict returns, as the TypedDicts say
+        assert set(r) == set(Prediction.__annotations__) - {"unknown", "error"}
+        assert set(f) == set(Prediction.__annotations__) - {"error"}
+        assert all(set(t) == set(ClassProbability.__annotations__) for t in f["top_k"])
         assert f["unknown"] == (r["probability"] < cut)
         assert f["label"] == (None if f["unknown"] else r["label"])
         assert f["top_k"] == r["top_k"]  # the candidates are still listed

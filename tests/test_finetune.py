@@ -21,7 +21,16 @@ from click.testing import CliRunner
 from embedstore.activations import ActivationCache, CacheError
 from embedstore.backbones import load_backbone
 from embedstore.extract import extract
-from embedstore.finetune import sign_test_p
+from embedstore.finetune import (
+    BackboneChange,
+    CacheInfo,
+    FinetuneReport,
+    FinetuneScores,
+    GuardReport,
+    LeftOutFile,
+    RecipeSettings,
+    sign_test_p,
+)
 from embedstore.store import open_store
 from embedstore.train import train
 from embedstore_cli.app import cli
@@ -102,6 +111,22 @@ def test_rebuilt_store_matches_a_fresh_extraction_with_the_tuned_backbone(tuned)
     assert cosine.min() >= 0.999  # 16-bit activations included
 
 
+def _assert_shaped_as(result: dict, typed) -> None:
+    """RESULT holds every required key of the TypedDict TYPED and no key it lacks."""
+    assert set(result) <= set(typed.__annotations__), set(result) - set(typed.__annotations__)
+    assert typed.__required_keys__ <= set(result), typed.__required_keys__ - set(result)
+
+
+def test_the_report_of_a_run_that_trained_is_a_finetune_report(tuned):
+    report = tuned["report"]
+    assert set(report) == set(FinetuneReport.__annotations__)  # a trained run has every key
+    assert set(report["guard"]) == set(GuardReport.__annotations__)
+    for part, typed in [("before", FinetuneScores), ("after", FinetuneScores),
+                        ("backbone", BackboneChange), ("cache", CacheInfo),
+                        ("recipe_settings", RecipeSettings)]:
+        assert set(report[part]) == set(typed.__annotations__), part
+
+
 def test_predict_and_export_work_with_the_new_head(tuned, tmp_path):
     runner = CliRunner()
     image = next((tuned["images"] / "Bag").glob("*.png"))
@@ -130,6 +155,9 @@ def test_a_hold_out_too_small_to_show_a_gain_stops_before_training(tuned):
     assert not report["guard"]["can_adopt"] and report["guard"]["min_wins_to_adopt"] == 5
     assert report["after"] == report["before"]
     assert not (tuned["work"] / "never").exists()  # no cache, no model: nothing was run
+    _assert_shaped_as(report, FinetuneReport)
+    assert not set(report) & FinetuneReport.__optional_keys__  # those only training gives
+    assert set(report["guard"]) == GuardReport.__required_keys__
     _assert_names_the_original_backbone(out, tuned["store"])
     assert _digests(tuned["store"], tuned["head"]) == tuned["before"]
 
@@ -187,6 +215,35 @@ def test_the_small_recipe_starts_at_the_frozen_head_and_keeps_its_best_epoch(tun
                          backbone.model.get_layer(layer).get_weights()):
             np.testing.assert_array_equal(w, w0)
     assert report["after"]["val_accuracy"] == report["before"]["val_accuracy"]
+
+
+@pytest.mark.parametrize("args, random_flip", [
+    ([], True), (["--no-random-flip"], False), (["--random-flip"], True),
+    (["--augment", "none"], False), (["--augment", "flip"], True),
+    (["--augment", "flip", "--random-flip"], True),
+])
+def test_random_flip_and_the_deprecated_augment_alias(tmp_path, monkeypatch, args, random_flip):
+    """--augment flip|none, the option's old name, still works (hidden from --help) and
+    says what to write instead; the library is called with random_flip either way."""
+    import embedstore.finetune
+
+    calls = []
+    monkeypatch.setattr(embedstore.finetune, "finetune",
+                        lambda *a, **kw: calls.append(kw) or {})
+    result = CliRunner().invoke(cli, ["finetune", str(tmp_path), str(tmp_path / "out"),
+                                      *args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["random_flip"] is random_flip and "augment" not in calls[0]
+    assert ("is deprecated: use --" in result.stderr) == ("--augment" in args)
+
+
+def test_the_augment_alias_is_hidden_and_cannot_contradict_random_flip(tmp_path):
+    help_text = CliRunner().invoke(cli, ["finetune", "--help"]).output
+    assert "--random-flip / --no-random-flip" in help_text and "--augment" not in help_text
+    result = CliRunner().invoke(cli, ["finetune", str(tmp_path), str(tmp_path / "out"),
+                                      "--augment", "flip", "--no-random-flip"])
+    assert result.exit_code == 2
+    assert "--augment flip contradicts --no-random-flip" in result.output
 
 
 def test_recipes_by_training_rows():
@@ -264,7 +321,10 @@ def test_changed_and_missing_images_are_reported_and_left_out(tuned):
         "--unfreeze-from", "18", "--epochs", "1", "--cache-dir", str(tuned["work"] / "c3"),
         "--force", "--json"])
     assert result.exit_code == 0, result.output
-    left = {p["path"]: p["reason"] for p in json.loads(result.stdout)["left_out"]}
+    left_out = json.loads(result.stdout)["left_out"]
+    for p in left_out:
+        _assert_shaped_as(p, LeftOutFile)
+    left = {p["path"]: p["reason"] for p in left_out}
     assert left == {f"Bag/{bags[0].name}": "missing",
                     f"Bag/{bags[1].name}": "changed since extraction"}
     with open_store(tuned["work"] / "out3" / "store.h5") as s:

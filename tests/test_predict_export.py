@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore import predict as predict_module
 from embedstore.export import ExportError, export
 from embedstore.pipeline import Resizer, decode_image
 from embedstore.train import train
@@ -19,6 +19,9 @@ from embedstore_cli.app import cli
 from tests.conftest import SAMPLE, photo
 
 FILES = sorted(SAMPLE.glob("*/*.png"))[::50]  # 6 images across classes
+# the module, not the function: `from embedstore import predict` gives the function
+# (the package's public face) unless another test imported the module first
+predict_module = importlib.import_module("embedstore.predict")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,8 @@ def test_predict_json_reports_bad_files_and_predicts_the_rest(heads, tmp_path):
     assert good["top_k"][0] == {"label": good["label"], "probability": good["probability"]}
     assert len(good["top_k"]) == 3 and good["label"] == FILES[0].parent.name
     assert out[1]["path"] == str(bad) and "not an image" in out[1]["error"]
+    keys = set(predict_module.Prediction.__annotations__)  # what predict can return
+    assert set(good) == keys - {"unknown", "error"} and set(out[1]) == {"path", "error"}
     code, only_bad = _cli_predict(heads / "logreg", bad)
     assert code == 1 and "error" in only_bad[0]
 

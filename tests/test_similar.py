@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedstore.extract import extract
-from embedstore.similar import SimilarError, normalise, similar, top_k
+from embedstore.similar import Neighbour, SimilarError, SimilarResult, normalise, similar, top_k
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE
 
@@ -79,6 +79,8 @@ def test_cli_json(store):
     result = CliRunner().invoke(cli, ["similar", str(store), query, "-k", "4", "--json"])
     assert result.exit_code == 0, result.output
     [answer] = json.loads(result.output)
+    assert set(answer) == set(SimilarResult.__annotations__)
     assert [set(n) for n in answer["neighbours"]] == [{"row", "path", "label", "similarity"}] * 4
+    assert set(Neighbour.__annotations__) == {"row", "path", "label", "similarity"}
     # a trouser's nearest neighbours in a store of bags, dresses, sandals and trousers
     assert answer["neighbours"][0]["label"] == "Trouser"
