@@ -20,7 +20,7 @@ the share of flipped rows among the top-ranked rows as many as were flipped
 (precision) and the share of flipped rows found there (recall); averaged
 over --draws.
 
-calibration: trains the default logreg head (`embedstore.train.train`) and
+calibration: trains the default logreg head (`embedstore.training.train`) and
 reports metrics.json's ECE before/after; then leave-one-class-out: for each
 class, a logreg on up to --per-class training images of each other class,
 calibrated on their validation images, scores the validation images of all
@@ -80,10 +80,10 @@ def _copies():
 
 
 def bench_duplicates() -> None:
-    from embedstore.audit import near_duplicate_pairs, neighbours
+    from embedstore.auditing import near_duplicate_pairs, neighbours
     from embedstore.backbones.runtimes import load_for_inference
     from embedstore.pipeline import Resizer, decode_image
-    from embedstore.similar import normalise
+    from embedstore.similarity import normalise
 
     backbone = load_for_inference("mobilenet_v2", "tflite")
     resizer = Resizer(backbone.input_size, backbone.config()["crop_fraction"])
@@ -118,7 +118,7 @@ def bench_duplicates() -> None:
                     f"{nearest[:n_sample].mean():.3f} / {nearest[n_sample:].mean():.3f}",
                     f"{found[:n_sample].mean():.3f} / {found[n_sample:].mean():.3f}",
                     f"{false} pairs"])
-    from embedstore.audit import GAP, MUTUAL_THRESHOLD, THRESHOLD
+    from embedstore.auditing import GAP, MUTUAL_THRESHOLD, THRESHOLD
 
     report("audit: near-duplicate rule on re-encoded and resized copies", table(
         ["copies of every image", "median cosine to original (sample / photos)",
@@ -134,7 +134,7 @@ def bench_duplicates() -> None:
 
 AUDIT_CHILD = r"""
 import json, sys, time
-from embedstore.audit import audit
+from embedstore.auditing import audit
 t = time.perf_counter()
 r = audit(sys.argv[1], top=10)
 r["summary"]["seconds"] = time.perf_counter() - t
@@ -164,7 +164,7 @@ def _rows(store: str) -> int:
 # --- label errors -----------------------------------------------------------------------
 
 def _labelled(store: str):
-    from embedstore.similar import normalise
+    from embedstore.similarity import normalise
     from embedstore.store import open_store
 
     with open_store(store) as s:
@@ -173,7 +173,7 @@ def _labelled(store: str):
 
 
 def bench_labels(store: str, flip: float, draws: int) -> None:
-    from embedstore.audit import out_of_fold_proba
+    from embedstore.auditing import out_of_fold_proba
 
     X, y, classes, sha = _labelled(store)
     groups = np.unique(sha, return_inverse=True)[1]
@@ -208,7 +208,7 @@ def bench_calibration(store: str, per_class: int) -> None:
     from embedstore import LogRegHead
     from embedstore.calibration import apply_temperature, calibrate
     from embedstore.splits import load_split
-    from embedstore.train import train
+    from embedstore.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cal = train(store, Path(tmp) / "head", overwrite=True)["calibration"]

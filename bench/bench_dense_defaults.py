@@ -76,7 +76,7 @@ def write_photo_set(root: Path, seed: int = 0) -> Path:
 
 
 def extracted(images: Path, store: Path) -> Path:
-    from embedstore.extract import extract
+    from embedstore.extraction import extract
 
     extract(images, store)  # embeds only what the store does not hold yet
     return store

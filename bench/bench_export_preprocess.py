@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from embedstore.backbones import load_backbone
-    from embedstore.export import _tflite_bytes, standard_backbone
+    from embedstore.exporting import _tflite_bytes, standard_backbone
 
     backbone = load_backbone("mobilenet_v2")
     runners = {"Preprocess (embedstore layer)": interpreter(_tflite_bytes(backbone.model)),

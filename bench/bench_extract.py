@@ -73,7 +73,7 @@ print(json.dumps({"images": len(files), "max_abs_diff": float(np.abs(fast - ref)
 
 EXTRACT = """
 import json, sys, time
-from embedstore.extract import extract
+from embedstore.extraction import extract
 t = time.perf_counter()
 r = extract(sys.argv[1], sys.argv[2], runtime=sys.argv[3])
 print(json.dumps({"seconds": r.seconds, "startup_seconds": r.startup_seconds,

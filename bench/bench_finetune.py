@@ -29,7 +29,7 @@ from bench.fashion_mnist import write_pngs
 
 FINETUNE = """
 import json, sys, time
-from embedstore.finetune import finetune
+from embedstore.finetuning import finetune
 start = time.perf_counter()
 r = finetune(sys.argv[1], sys.argv[2], images=sys.argv[3], log=lambda m: print(m, file=sys.stderr))
 print(json.dumps({"report": r, "seconds": time.perf_counter() - start}))
@@ -44,7 +44,7 @@ def epoch_speed(head_dir: Path, cache_dir: Path, n: int = 256, batch: int = 64) 
     from embedstore.activations import ActivationCache
     from embedstore.backbones import load_backbone
     from embedstore.backbones.split import split_at
-    from embedstore.finetune import _training_model
+    from embedstore.finetuning import _training_model
     from embedstore.headdir import load_head
 
     backbone, head = load_backbone(), load_head(head_dir)
@@ -80,8 +80,8 @@ def speed_table(speed: dict) -> str:
 def one_size(work: Path, n_train: int, test_store: Path, test_images: Path) -> dict:
     """Extract, train frozen logreg, finetune (child), score both on the test store."""
     from embedstore.evaluate import evaluate_head
-    from embedstore.extract import extract
-    from embedstore.train import train
+    from embedstore.extraction import extract
+    from embedstore.training import train
 
     images = work / f"train{n_train}"
     if not images.is_dir():
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true",
                     help="only the epoch-speed comparison, on a previous run's head and cache")
     a = ap.parse_args()
-    from embedstore.extract import extract
+    from embedstore.extraction import extract
 
     work = a.work
     if a.speed_only:

@@ -72,9 +72,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=None, help="[default: the recipe's]")
     a = ap.parse_args()
-    from embedstore.extract import extract
-    from embedstore.finetune import finetune
-    from embedstore.train import train
+    from embedstore.extraction import extract
+    from embedstore.finetuning import finetune
+    from embedstore.training import train
 
     rows, worse = [], {"guard": 0, "no guard": 0}
     for label, images in make_sets(a.work).items():

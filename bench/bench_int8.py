@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from bench.common import REPO, report, table
 from embedstore import LogRegHead
 from embedstore.backbones import int8
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.store import open_store
 
 

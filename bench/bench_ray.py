@@ -20,7 +20,7 @@ from bench.common import report, run_child, table
 
 EXTRACT = """
 import json, sys, time
-from embedstore.extract import extract
+from embedstore.extraction import extract
 marks = []
 def on_progress(state):
     if state.embedded and (not marks or marks[-1][1] != state.embedded):

@@ -4,7 +4,7 @@
 
 Synthetic 1280-d float32 vectors (100 Gaussian clusters, so neighbours are not
 ties) go through the real StoreWriter in commits of 50k rows. Then, in a fresh
-process, `embedstore.similar.similar` answers one query (a stored path) three
+process, `embedstore.similarity.similar` answers one query (a stored path) three
 times (the first reads the store from disk; "warm" is the median of the other
 two) and 100 queries at once, warm, at the default block of 4096 rows; the
 child's peak RSS shows memory stays at a block, not the store (10^6 rows are
@@ -30,7 +30,7 @@ META = {"name": "synthetic", "fingerprint": "7" * 64, "dim": DIM, "config": {}}
 QUERY_CHILD = r"""
 import json, sys, time
 import numpy as np
-from embedstore.similar import similar
+from embedstore.similarity import similar
 store, n = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(1)
 paths = [f"c{i % 100}/img{i:09d}.png" for i in rng.choice(n, 101, replace=False)]

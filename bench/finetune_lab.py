@@ -77,7 +77,7 @@ def _top(variant: str):
 
     from embedstore.backbones import load_backbone
     from embedstore.backbones.split import split_at
-    from embedstore.finetune import _all_layers
+    from embedstore.finetuning import _all_layers
 
     _, top = split_at(load_backbone().model, BLOCK)
     top.trainable = True
@@ -142,7 +142,7 @@ def run(a) -> None:
     import tensorflow as tf
 
     from embedstore import LogRegHead
-    from embedstore.finetune import _recalibrate_batchnorm
+    from embedstore.finetuning import _recalibrate_batchnorm
 
     w, rows = a.work, slice(a.offset, a.offset + a.n)
     X, y, E = (np.asarray(np.load(w / f"train_{k}.npy", mmap_mode="r")[rows])

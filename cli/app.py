@@ -196,7 +196,7 @@ def extract_cmd(images, store, backbone_name, batch_size, max_pixels, commit_eve
     Ctrl-C keeps every committed batch and the next run resumes. Bad files
     are recorded in the store's /failures with the reason.
     """
-    from embedstore.extract import extract
+    from embedstore.extraction import extract
     from embedstore.lazy_backbone import NOT_LOADED
 
     bar = None
@@ -479,7 +479,7 @@ def train_cmd(store, out_dir, head, val_fraction, seed, overwrite, as_json, **op
     split, versions) and metrics.json (val_accuracy, val_macro_f1,
     train_seconds, ...). An existing head is replaced only with --overwrite.
     """
-    from embedstore.train import train
+    from embedstore.training import train
 
     params = parse_head_params(head, options)
     metrics = train(store, out_dir, head=head, val_fraction=val_fraction, seed=seed,
@@ -516,7 +516,7 @@ def sweep_cmd(store, heads, val_fraction, seed, as_json, **options) -> None:
 
       embedstore sweep flowers.h5 --head logreg --head knn --C 0.01,0.1,1 --k 5,20
     """
-    from embedstore.train import grid, sweep
+    from embedstore.training import grid, sweep
 
     candidates = []
     for head in heads or _head_names():
@@ -609,7 +609,7 @@ def predict_cmd(head_dir, paths, top_k, store, batch_size, backbone_name, as_jso
     head was trained on. Unreadable files are reported and the rest still
     predicted; the exit code is non-zero only if nothing could be predicted.
     """
-    from embedstore.predict import predict
+    from embedstore.prediction import predict
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -683,7 +683,7 @@ def export_cmd(head_dir, out, fmt, backbone_name, overwrite) -> None:
     resized (tflite: signature serving_default, input "pixels", output
     "probabilities"); model.keras loads in plain Keras, without embedstore.
     """
-    from embedstore.export import export
+    from embedstore.exporting import export
 
     path = export(head_dir, out, fmt, backbone_name=backbone_name, overwrite=overwrite)
     click.echo(f"exported {fmt} to {path}{os.sep}", err=True)
@@ -757,7 +757,7 @@ def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate
     """
     from pathlib import Path
 
-    from embedstore.finetune import finetune
+    from embedstore.finetuning import finetune
 
     random_flip = _deprecated_augment(augment, random_flip)
     report = finetune(head_dir, out_dir, images=images, unfreeze_from=block, epochs=epochs,
@@ -822,7 +822,7 @@ def similar_cmd(store, queries, k, as_json, runtime) -> None:
     embedded with the store's backbone. The search is exact, one block of
     rows at a time, so memory does not grow with the store.
     """
-    from embedstore.similar import similar
+    from embedstore.similarity import similar
 
     results = similar(store, list(queries), k=k, runtime=runtime)
     if as_json:
@@ -865,7 +865,7 @@ def audit_cmd(store, as_json, report_dir, images, threshold, mutual_threshold, g
     out-of-fold probability from a logreg head (with the class it looks
     like), and rows far from their own class. Each is ranked, with a reason.
     """
-    from embedstore.audit import audit
+    from embedstore.auditing import audit
 
     result = audit(store, threshold=threshold, mutual_threshold=mutual_threshold, gap=gap,
                    val_fraction=val_fraction, seed=seed, top=top)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from embedstore.evaluate import _pyplot
-from embedstore.similar import normalise
+from embedstore.similarity import normalise
 from embedstore.store import open_store
 
 THUMB = 96

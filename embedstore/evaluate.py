@@ -139,7 +139,7 @@ class EvaluationError(ValueError):
 def evaluate_head(head_dir: str | Path, store: str | Path | None = None,
                   plots: bool = True) -> Evaluation:
     """Metrics of a trained head on its validation split, or on every labelled row of STORE."""
-    from embedstore.audit import split_leaks
+    from embedstore.auditing import split_leaks
     from embedstore.backbones.reference import BackboneRef, check_same_backbone
     from embedstore.headdir import MANIFEST, head_store, load_head, read_manifest
     from embedstore.splits import load_split

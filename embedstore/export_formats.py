@@ -1,4 +1,4 @@
-"""The export formats, apart from export.py so that listing them needs no TensorFlow."""
+"""The export formats, apart from exporting.py so that listing them needs no TensorFlow."""
 
 FORMATS = {
     "savedmodel": "the folder is a SavedModel; signatures serving_default (encoded image "

@@ -112,7 +112,7 @@ def small_tree(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def sample_store(tmp_path_factory, backbone) -> Path:
     """The bundled 300-image sample, extracted once for every test that reads a store."""
-    from embedstore.extract import extract
+    from embedstore.extraction import extract
 
     store = tmp_path_factory.mktemp("store") / "sample.h5"
     extract(SAMPLE, store, backbone)

@@ -16,12 +16,12 @@ from click.testing import CliRunner
 
 from embedstore.backbones import BackboneError, load_backbone
 from embedstore.evaluate import evaluate_head
-from embedstore.export import ExportError, export
-from embedstore.extract import extract
+from embedstore.exporting import ExportError, export
+from embedstore.extraction import extract
 from embedstore.headdir import HeadDirError
 from embedstore.pipeline import Resizer, decode_image
-from embedstore.predict import predict
-from embedstore.train import train
+from embedstore.prediction import predict
+from embedstore.training import train
 from embedstore_cli.app import cli
 from tests.conftest import REPO, SAMPLE
 
@@ -162,7 +162,7 @@ def test_a_knn_head_is_not_exported_as_keras(heads, tmp_path):
 
 def test_export_refuses_a_non_empty_folder_and_replaces_an_export_whole(heads, tmp_path,
                                                                       monkeypatch):
-    from embedstore import export as export_module
+    import embedstore.exporting as export_module
 
     out = tmp_path / "out"
     out.mkdir()

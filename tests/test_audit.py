@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.audit import (
+from embedstore.auditing import (
     AuditReport,
     AuditSummary,
     DuplicateGroup,
@@ -24,7 +24,7 @@ from embedstore.audit import (
     audit,
     near_duplicate_pairs,
 )
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.splits import hash_unit
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE

@@ -16,7 +16,7 @@ from embedstore.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.headdir import HeadDirError, read_manifest
 from embedstore.store import open_store
 from embedstore_cli.app import cli
@@ -97,7 +97,7 @@ def test_predict_unknown_below(trained):
     probs = sorted(r["probability"] for r in plain)
     cut = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2  # flags half of them
     flagged = json.loads(runner.invoke(cli, base + ["--unknown-below", str(cut)]).output)
-    from embedstore.predict import ClassProbability, Prediction
+    from embedstore.prediction import ClassProbability, Prediction
 
     for r, f in zip(plain, flagged):  # what predict returns, as the TypedDicts say
         assert set(r) == set(Prediction.__annotations__) - {"unknown", "error"}
@@ -112,7 +112,7 @@ def test_predict_unknown_below(trained):
 
 def test_predict_applies_the_temperature(trained, tmp_path):
     from embedstore.headdir import load_head
-    from embedstore.predict import predict
+    from embedstore.prediction import predict
 
     head = tmp_path / "hot"
     shutil.copytree(trained["head"], head)

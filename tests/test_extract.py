@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.store import StoreError, StoreWriter, open_store, parts_dir
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE, photo

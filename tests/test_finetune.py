@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from embedstore.activations import ActivationCache, CacheError
 from embedstore.backbones import load_backbone
-from embedstore.extract import extract
-from embedstore.finetune import (
+from embedstore.extraction import extract
+from embedstore.finetuning import (
     BackboneChange,
     CacheInfo,
     FinetuneReport,
@@ -32,7 +32,7 @@ from embedstore.finetune import (
     sign_test_p,
 )
 from embedstore.store import open_store
-from embedstore.train import train
+from embedstore.training import train
 from embedstore_cli.app import cli
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist-sample"
@@ -225,10 +225,10 @@ def test_the_small_recipe_starts_at_the_frozen_head_and_keeps_its_best_epoch(tun
 def test_random_flip_and_the_deprecated_augment_alias(tmp_path, monkeypatch, args, random_flip):
     """--augment flip|none, the option's old name, still works (hidden from --help) and
     says what to write instead; the library is called with random_flip either way."""
-    import embedstore.finetune
+    import embedstore.finetuning
 
     calls = []
-    monkeypatch.setattr(embedstore.finetune, "finetune",
+    monkeypatch.setattr(embedstore.finetuning, "finetune",
                         lambda *a, **kw: calls.append(kw) or {})
     result = CliRunner().invoke(cli, ["finetune", str(tmp_path), str(tmp_path / "out"),
                                       *args, "--json"])
@@ -247,7 +247,7 @@ def test_the_augment_alias_is_hidden_and_cannot_contradict_random_flip(tmp_path)
 
 
 def test_recipes_by_training_rows():
-    from embedstore.finetune import LARGE, LARGE_FROM, SMALL, choose_recipe
+    from embedstore.finetuning import LARGE, LARGE_FROM, SMALL, choose_recipe
 
     assert choose_recipe(LARGE_FROM - 1) is SMALL and choose_recipe(LARGE_FROM) is LARGE
     assert choose_recipe(10, "large") is LARGE
@@ -269,7 +269,7 @@ def test_sign_test_needs_a_clear_majority_of_the_disagreements():
 def test_batchnorm_statistics_are_recalibrated_to_the_training_batches():
     import keras
 
-    from embedstore.finetune import _recalibrate_batchnorm
+    from embedstore.finetuning import _recalibrate_batchnorm
 
     bn = keras.layers.BatchNormalization(momentum=0.9)
     model = keras.Sequential([keras.Input((3,)), bn])

@@ -17,7 +17,7 @@ from embedstore.evaluate import EvaluationError, evaluate_head
 from embedstore.headdir import HeadDirError, load_head, read_manifest
 from embedstore.splits import SplitError, conflicting_duplicates, load_split, validation_mask
 from embedstore.store import StoreWriter
-from embedstore.train import train
+from embedstore.training import train
 from embedstore_cli.app import cli
 
 

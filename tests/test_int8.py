@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from embedstore.backbones import BackboneError, int8
 from embedstore.backbones.runtimes import load_for_inference
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.store import open_store
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.store import StoreError, StoreWriter, open_store, parts_dir, verify
 from embedstore.store.writer import _lock_file
 from embedstore_cli.app import cli

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +11,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.export import ExportError, export
+import embedstore.prediction as predict_module
+from embedstore.exporting import ExportError, export
 from embedstore.pipeline import Resizer, decode_image
-from embedstore.train import train
+from embedstore.training import train
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE, photo
 
 FILES = sorted(SAMPLE.glob("*/*.png"))[::50]  # 6 images across classes
-# the module, not the function: `from embedstore import predict` gives the function
-# (the package's public face) unless another test imported the module first
-predict_module = importlib.import_module("embedstore.predict")
 
 
 @pytest.fixture(scope="module")

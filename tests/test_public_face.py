@@ -31,6 +31,27 @@ def test_every_public_name_resolves():
         embedstore.not_a_name  # noqa: B018
 
 
+def test_no_submodule_is_named_like_a_public_name():
+    """Importing embedstore.X sets the package's attribute X to the module: a module named
+    like a public function would replace it for everyone who imported the module first."""
+    import embedstore
+
+    submodules = {p.stem for p in (REPO / "embedstore").glob("*.py")} | {
+        p.parent.name for p in (REPO / "embedstore").glob("*/__init__.py")}
+    assert submodules & set(embedstore.__all__) == set()
+
+
+def test_public_functions_stay_functions_whatever_was_imported_first():
+    code = ("import embedstore.similarity, embedstore.auditing, embedstore.training, "
+            "embedstore.prediction\n"
+            "from embedstore import similar, audit, train, predict, sweep\n"
+            "print(all(callable(f) and type(f).__name__ == 'function' "
+            "for f in (similar, audit, train, predict, sweep)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.split()[-1] == "True"
+
+
 def _imports(module: Path) -> set[str]:
     """The embedstore modules a file imports, anywhere in it: lazy imports inside
     functions and imports for type checking are dependencies too."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from embedstore.engines import EngineError, get_engine
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.store import lock_path, open_store
 from tests.conftest import SAMPLE
 
@@ -59,7 +59,7 @@ def _contents(store) -> tuple[dict, dict]:
 # the test's Ray and stalls once its first batch is committed (commit_every=4).
 KILLED_DRIVER = """
 import sys, time
-from embedstore.extract import extract
+from embedstore.extraction import extract
 
 def stall_after_the_first_commit(state):
     if state.embedded >= 4:

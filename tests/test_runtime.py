@@ -15,7 +15,7 @@ from PIL import Image
 
 from embedstore.backbones import Backbone, runtimes
 from embedstore.backbones.runtimes import auto, load_for_inference, tflite  # noqa: F401  (runtimes.tflite)
-from embedstore.extract import extract
+from embedstore.extraction import extract
 from embedstore.pipeline import Resizer, decode_image, resize_for_backbone, resize_image
 from embedstore.store import StoreWriter, open_store
 from embedstore_cli.app import cli
@@ -116,8 +116,8 @@ def test_extract_json_reports_stages_startup_and_runtime(small_tree, tmp_path, t
 
 WARM_RUN = """
 import json, sys
-from embedstore.extract import extract
-from embedstore.predict import predict
+from embedstore.extraction import extract
+from embedstore.prediction import predict
 first = extract(sys.argv[1], sys.argv[2])
 again = extract(sys.argv[1], sys.argv[2])
 labels = [r["label"] for r in predict(sys.argv[3], [sys.argv[4]])]
@@ -128,7 +128,7 @@ print(json.dumps({"embedded": first.embedded, "unchanged": again.unchanged, "lab
 
 def test_warm_extract_and_predict_never_import_tensorflow(small_tree, tmp_path, sample_store,
                                                           tflite_backbone):
-    from embedstore.train import train
+    from embedstore.training import train
 
     train(sample_store, tmp_path / "head", head="logreg")
     image = sorted((small_tree / "Bag").glob("*.png"))[0]

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.extract import extract
-from embedstore.similar import Neighbour, SimilarError, SimilarResult, normalise, similar, top_k
+from embedstore.extraction import extract
+from embedstore.similarity import Neighbour, SimilarError, SimilarResult, normalise, similar, top_k
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE
 

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from embedstore import backbones
 from embedstore.backbones import BackboneError
-from embedstore.extract import extract
-from embedstore.predict import predict
+from embedstore.extraction import extract
+from embedstore.prediction import predict
 from embedstore.sources import SourceError, scan
 from embedstore.store import open_store
-from embedstore.train import train
+from embedstore.training import train
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE
 

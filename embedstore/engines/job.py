@@ -1,6 +1,6 @@
 """What every engine shares: the job it is given, its running state, how a file that
 needs no model is triaged, and the commit cadence. Engines import this, never
-`embedstore.extract` (which composes them)."""
+`embedstore.extraction` (which composes them)."""
 
 from __future__ import annotations
 

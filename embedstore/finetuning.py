@@ -50,13 +50,13 @@ from embedstore.atomic import replacing_dir
 from embedstore.backbones import Backbone, load_backbone
 from embedstore.backbones.reference import BackboneRef, check_same_backbone
 from embedstore.backbones.split import entry_layer_name, split_at
-from embedstore.extract import backbone_meta
+from embedstore.extraction import backbone_meta
 from embedstore.headdir import MANIFEST, HeadManifest, load_head, load_head_backbone, read_manifest
 from embedstore.heads import make_head
 from embedstore.pipeline import Resizer, batched, stream
 from embedstore.splits import validation_mask
 from embedstore.store import open_store, open_writer
-from embedstore.train import train
+from embedstore.training import train
 
 DEFAULT_BLOCK = 14
 CHUNK_IMAGES = 256

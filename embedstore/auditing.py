@@ -25,7 +25,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from embedstore.similar import normalise, top_k
+from embedstore.similarity import normalise, top_k
 from embedstore.splits import validation_mask
 from embedstore.store import open_store
 
