@@ -771,8 +771,10 @@ def finetune_cmd(head_dir, out_dir, images, block, recipe, epochs, learning_rate
         return
     b, a = report["before"], report["after"]
     click.echo(f"{'':<10}{'val_acc':>9}{'val_f1':>9}")
-    click.echo(f"{'before':<10}{b['val_accuracy']:>9.4f}{b['val_macro_f1']:>9.4f}")
-    click.echo(f"{'after':<10}{a['val_accuracy']:>9.4f}{a['val_macro_f1']:>9.4f}")
+    for name, scores in (("before", b), ("after", a)):  # none without a validation split
+        click.echo(f"{name:<10}" + "".join("{:>9}".format("-" if v is None else f"{v:.4f}")
+                                           for v in (scores["val_accuracy"],
+                                                     scores["val_macro_f1"])))
     if report["stopped_before_training"]:
         click.echo("weights: original (not trained: the hold-out is too small to show a gain)")
     else:

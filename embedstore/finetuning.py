@@ -1017,8 +1017,12 @@ def _peak_rss_mb() -> float:
 
 
 def _scores(head, store: str, val_rows: np.ndarray, rows: OriginalRows) -> FinetuneScores:
-    """Validation accuracy and macro F1 of HEAD_DIR's head on its own validation split."""
+    """Validation accuracy and macro F1 of HEAD_DIR's head on its own validation split;
+    None for a head trained with --val-fraction 0."""
     from sklearn.metrics import accuracy_score, f1_score
+
+    if len(val_rows) == 0:
+        return {"val_accuracy": None, "val_macro_f1": None}
 
     with open_store(store) as s:
         view0 = np.flatnonzero(s.views == 0)

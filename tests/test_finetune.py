@@ -162,6 +162,16 @@ def test_a_hold_out_too_small_to_show_a_gain_stops_before_training(tuned):
     assert _digests(tuned["store"], tuned["head"]) == tuned["before"]
 
 
+def test_a_head_without_a_validation_split_prints_dashes_for_its_scores(tuned, tmp_path):
+    head = tmp_path / "head"
+    train(tuned["store"], head, val_fraction=0.0)
+    result = CliRunner().invoke(cli, ["finetune", str(head), str(tmp_path / "out"),
+                                      "--unfreeze-from", "18"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["before", "-", "-"] and lines[2].split() == ["after", "-", "-"]
+
+
 def _assert_names_the_original_backbone(out: Path, store: Path) -> None:
     """OUT_DIR's store and head are the original's: same backbone record, same vectors."""
     with open_store(store) as a, open_store(out / "store.h5") as b:
