@@ -43,6 +43,7 @@ from embedstore.headdir import (
     temperature_of,
 )
 from embedstore.heads import HEADS
+from embedstore.heads.base import EmbeddingHead
 from embedstore.pipeline import min_decode_side, resize_for_backbone
 from embedstore.quiet import native_output_silenced
 
@@ -213,6 +214,10 @@ def export(head_dir: str | Path, out: str | Path, fmt: str = "savedmodel",
     out = Path(out)
     _check_out(out, overwrite)
     kind = read_manifest(head_dir).head
+    if HEADS[kind].export_layer is EmbeddingHead.export_layer:
+        raise ExportError(f"{head_dir} is a {kind} head, which has no export layer "
+                          "(EmbeddingHead.export_layer); use `embedstore predict` with it, or "
+                          "give the head an export_layer")
     if fmt == "keras" and HEADS[kind].nonstandard_export:
         raise ExportError(f"{head_dir} is a {kind} head: {HEADS[kind].nonstandard_export}, so "
                           "its .keras file would need embedstore to load; export it with "

@@ -254,10 +254,10 @@ def finetune(head_dir: str | Path, out_dir: str | Path, images: str | Path | Non
     chosen = choose_recipe(len(fit_rows), recipe)
     reference = _Reference.fit(manifest, store, rows, fit_rows, hold_rows)
     log(_plan_message(reference, chosen, guard))
-    common: _ReportInputs = {"head_dir": str(Path(head_dir).resolve()), "store": store,
-              "out_dir": str(out.resolve()), "head": manifest.head, "recipe": chosen.name,
-              "n_fit": len(fit_rows), "n_holdout": len(hold_rows), "n_val": int(len(val_rows)),
-              "before": before, "dropped_augmented_views": rows.dropped_views}
+    common = _ReportInputs(
+        head_dir=str(Path(head_dir).resolve()), store=store, out_dir=str(out.resolve()),
+        head=manifest.head, recipe=chosen.name, n_fit=len(fit_rows), n_holdout=len(hold_rows),
+        n_val=int(len(val_rows)), before=before, dropped_augmented_views=rows.dropped_views)
     if guard and not force and not reference.can_adopt:
         log("stopping before training: OUT_DIR gets the original weights (--force trains "
             "anyway, --no-guard adopts the tuned weights unjudged)")

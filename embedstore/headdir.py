@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -184,7 +185,7 @@ def _write_state(directory: Path, state: dict, writing=lambda name: None) -> lis
             files.append(f"{name.rstrip('_')}.keras")
             values[name] = {"keras_file": f"{name.rstrip('_')}.keras"}
         else:
-            values[name] = encode_params({"v": value})["v"]
+            values[name] = _encode(value, name, arrays)
     writing(STATE_ARRAYS)
     np.savez(directory / STATE_ARRAYS, **arrays)  # type: ignore[arg-type]
     writing(STATE_VALUES)
@@ -192,38 +193,90 @@ def _write_state(directory: Path, state: dict, writing=lambda name: None) -> lis
     return [STATE_ARRAYS, STATE_VALUES, *files]
 
 
-# --- JSON for hyper-parameters: tuples and non-string dict keys survive the round trip
+# --- JSON for hyper-parameters and learned state: tuples, non-string dict keys, arrays
+# and fitted scikit-learn estimators survive the round trip, with no pickle
 
 def encode_params(params: dict) -> dict:
-    def enc(v):
-        if isinstance(v, tuple):
-            return {"__tuple__": [enc(x) for x in v]}
-        if isinstance(v, dict):
-            if all(isinstance(k, str) for k in v):
-                return {k: enc(x) for k, x in v.items()}
-            return {"__pairs__": [[enc(k), enc(x)] for k, x in v.items()]}
-        if isinstance(v, list):
-            return [enc(x) for x in v]
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
-
-    return {k: enc(v) for k, v in params.items()}
+    return {k: _encode(v, k, None) for k, v in params.items()}
 
 
 def decode_params(params: dict) -> dict:
-    def dec(v):
-        if isinstance(v, dict):
-            if set(v) == {"__tuple__"}:
-                return tuple(dec(x) for x in v["__tuple__"])
-            if set(v) == {"__pairs__"}:
-                return {dec(k): dec(x) for k, x in v["__pairs__"]}
-            return {k: dec(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [dec(x) for x in v]
-        return v
+    return {k: _decode(v, None) for k, v in params.items()}
 
-    return {k: dec(v) for k, v in params.items()}
+
+def _encode(v, key: str, arrays: dict | None):
+    """v as JSON; with `arrays`, its arrays go there under dotted keys (into state.npz)."""
+    if isinstance(v, np.ndarray):
+        if arrays is None:
+            return v.tolist()
+        if v.dtype == object:
+            raise HeadDirError(f"state {key} is an object array and cannot be saved safely")
+        arrays[key] = v
+        return {"__array__": key}
+    if _is_sklearn_estimator(v):
+        params = v.get_params(deep=False)
+        return {"__sklearn__": f"{type(v).__module__}:{type(v).__qualname__}",
+                "params": {k: _encode(x, f"{key}.{k}", arrays) for k, x in params.items()},
+                "state": {k: _encode(x, f"{key}.{k}", arrays) for k, x in vars(v).items()
+                          if k not in params}}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x, f"{key}.{i}", arrays) for i, x in enumerate(v)]}
+    if isinstance(v, list):
+        return [_encode(x, f"{key}.{i}", arrays) for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        if all(isinstance(k, str) for k in v):
+            return {k: _encode(x, f"{key}.{k}", arrays) for k, x in v.items()}
+        return {"__pairs__": [[_encode(k, key, arrays), _encode(x, f"{key}.{k}", arrays)]
+                              for k, x in v.items()]}
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise HeadDirError(f"the head's {key} is a {type(v).__name__}, which a head directory "
+                       "cannot hold without pickle (it holds arrays, plain values, Keras "
+                       "models and scikit-learn estimators made of those); give the head "
+                       "fitted_state() and from_fitted_state() methods that reduce it to those")
+
+
+def _decode(v, arrays):
+    if isinstance(v, dict):
+        if set(v) == {"__array__"} and arrays is not None:
+            return arrays[v["__array__"]]
+        if set(v) == {"__sklearn__", "params", "state"}:
+            return _sklearn_estimator(v["__sklearn__"], _decode(v["params"], arrays),
+                                      _decode(v["state"], arrays))
+        if set(v) == {"__tuple__"}:
+            return tuple(_decode(x, arrays) for x in v["__tuple__"])
+        if set(v) == {"__pairs__"}:
+            return {_decode(k, arrays): _decode(x, arrays) for k, x in v["__pairs__"]}
+        return {k: _decode(x, arrays) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x, arrays) for x in v]
+    return v
+
+
+def _is_sklearn_estimator(v) -> bool:
+    module = type(v).__module__
+    return (module == "sklearn" or module.startswith("sklearn.")) and hasattr(v, "get_params")
+
+
+def _sklearn_estimator(name: str, params: dict, state: dict):
+    """A scikit-learn estimator rebuilt from its class name, parameters and learned
+    attributes. The name comes from a file, so only a class of scikit-learn's own modules
+    that is an estimator is accepted: nothing else is imported."""
+    import importlib
+
+    from sklearn.base import BaseEstimator
+
+    module, _, qualname = str(name).partition(":")
+    if not re.fullmatch(r"sklearn(\.\w+)*", module) or not qualname.isidentifier():
+        raise ValueError(f"{name!r} is not a scikit-learn estimator class")
+    cls = getattr(importlib.import_module(module), qualname, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseEstimator)):
+        raise ValueError(f"{name!r} is not a scikit-learn estimator class")
+    estimator = cls(**params)
+    estimator.__dict__.update(state)
+    return estimator
 
 
 # --- reading -------------------------------------------------------------------------
@@ -304,13 +357,15 @@ def load_head(head_dir: str | Path) -> EmbeddingHead:
         raise HeadDirError(f"{head_dir} has no {STATE_ARRAYS}; retrain the head")
     try:
         with np.load(head_dir / STATE_ARRAYS, allow_pickle=False) as npz:
-            state = {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files}
+        # the learned attributes' own arrays; the dotted keys are arrays inside a value
+        state = {k: a for k, a in arrays.items() if "." not in k}
         values = json.loads((head_dir / STATE_VALUES).read_text())
         for name, value in values.items():
             if isinstance(value, dict) and set(value) == {"keras_file"}:
                 state[name] = _load_keras(head_dir / Path(value["keras_file"]).name)
             else:
-                state[name] = decode_params({"v": value})["v"]
+                state[name] = _decode(value, arrays)
         cls = HEADS[manifest.head]
         return cls.from_fitted_state(manifest.params, state)
     except HeadDirError:

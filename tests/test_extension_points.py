@@ -66,6 +66,43 @@ class CentroidHead(EmbeddingHead):
 HEAD = CentroidHead
 '''
 
+RIDGE_HEAD = '''
+"""ridge: standardise + a ridge classifier, its scores through a softmax."""
+
+import threading
+
+import numpy as np
+from sklearn.linear_model import RidgeClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from embedstore.heads.base import EmbeddingHead
+
+
+class RidgeHead(EmbeddingHead):
+    summary = "ridge classifier"
+
+    def __init__(self, alpha: float = 1.0, keep_a_lock: bool = False):
+        self.alpha = alpha
+        self.keep_a_lock = keep_a_lock
+
+    def fit(self, X, y):
+        X, y = self._validate_fit_data(X, y)
+        self.model_ = make_pipeline(StandardScaler(), RidgeClassifier(alpha=self.alpha))
+        self.model_.fit(X, y)
+        if self.keep_a_lock:  # state no file can hold
+            self.lock_ = threading.Lock()
+        return self
+
+    def predict_proba(self, X):
+        z = self.model_.decision_function(self._validate_predict_data(X))
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+HEAD = RidgeHead
+'''
+
 ONE_THREAD_RUNTIME = '''
 """tflite1: TFLite on one thread, for a machine shared with other jobs."""
 
@@ -152,6 +189,64 @@ def test_a_new_head_is_its_module_and_one_registry_line(sample_store, tmp_path, 
     want = [[{t["label"]: t["probability"] for t in r["top_k"]}[c] for c in classes]
             for r in predicted]
     np.testing.assert_allclose(got, want, atol=1e-3)  # temperature folded in, as predict
+
+
+def _separable_store(path):
+    from embedstore.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(60, 8)) + 3 * np.eye(8)[labels]
+    meta = {"name": "t", "fingerprint": "0" * 64, "dim": 8, "config": {}}
+    with StoreWriter(path, meta) as w:
+        w.add(X, [f"{i}.png" for i in range(60)], [f"{i:064x}" for i in range(60)],
+              ["abc"[c] for c in labels])
+    return path
+
+
+def test_a_head_holding_scikit_learn_estimators_saves_them_without_pickle(tmp_path,
+                                                                         monkeypatch):
+    from embedstore import heads
+    from embedstore.headdir import HeadDirError, load_head
+    from embedstore.splits import load_split
+    from embedstore.training import train
+
+    module = _scratch_module(tmp_path, monkeypatch, "ridge_head", RIDGE_HEAD)
+    monkeypatch.setitem(heads._MODULES, "ridge", module)
+    store = _separable_store(tmp_path / "t.h5")
+    metrics = train(store, tmp_path / "head", head="ridge", alpha=0.5)
+    split = load_split(store)
+    fresh = heads.make_head("ridge", alpha=0.5).fit(split.X_train, split.y_train)
+    loaded = load_head(tmp_path / "head")
+    np.testing.assert_allclose(loaded.predict_proba(split.X_val), fresh.predict_proba(split.X_val))
+    assert metrics["val_accuracy"] == 1.0 and not (tmp_path / "head" / "model.joblib").exists()
+
+    # a state.json naming anything but a scikit-learn estimator class imports nothing
+    state_file = tmp_path / "head" / "state.json"
+    saved = state_file.read_text()
+    for name in ("os:system", "sklearn.utils:Bunch", "sklearn:__import__"):
+        state_file.write_text(saved.replace("sklearn.pipeline:Pipeline", name))
+        with pytest.raises(HeadDirError, match="is not a scikit-learn estimator class"):
+            load_head(tmp_path / "head")
+
+    # state no file can hold: one line saying what to do, and no head directory
+    with pytest.raises(HeadDirError, match="lock_ is a lock, .* give the head fitted_state"):
+        train(store, tmp_path / "locked", head="ridge", keep_a_lock=True)
+    assert not (tmp_path / "locked").exists()
+
+
+@pytest.mark.tf  # the export module imports Keras
+def test_a_head_without_an_export_layer_is_refused_in_one_line(tmp_path, monkeypatch):
+    from embedstore import heads
+    from embedstore.exporting import ExportError, export
+    from embedstore.training import train
+
+    monkeypatch.setitem(heads._MODULES, "ridge",
+                        _scratch_module(tmp_path, monkeypatch, "ridge_head", RIDGE_HEAD))
+    train(_separable_store(tmp_path / "t.h5"), tmp_path / "head", head="ridge")
+    with pytest.raises(ExportError, match="ridge head, which has no export layer"):
+        export(tmp_path / "head", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
 
 
 @pytest.mark.tf  # converts the backbone to TFLite in the test's fresh cache

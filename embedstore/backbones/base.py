@@ -49,12 +49,15 @@ class Backbone:
     weights_source: str
     classifier: Any = None  # pixels -> ImageNet probabilities, when the weights have it
     fingerprint: str = ""
-    runtime: str = "keras"  # else model is a NumPy callable from backbones.runtimes
+    runtime: str = "keras"  # where it runs, as messages name it (backbones.runtimes)
     device: str = "CPU"  # where it runs: "CPU", or the GPU the auto runtime chose
+    # model is a NumPy callable (a runtime's interpreter: TFLite, OpenVINO) that takes a
+    # batch or a list of images; otherwise a TensorFlow model, traced once here
+    numpy_model: bool = False
 
     def __post_init__(self):
         self._embed = self.model
-        if self.runtime == "keras":
+        if not self.numpy_model:
             import tensorflow as tf
 
             size = self.input_size
@@ -76,7 +79,7 @@ class Backbone:
         runtimes copy each into their input directly, where stacking them first
         cost extraction of small images ~14% of its time.
         """
-        if self.runtime == "keras" or not isinstance(pixels, list):
+        if not self.numpy_model or not isinstance(pixels, list):
             pixels = np.asarray(pixels, dtype=np.float32)  # stacks a list
         return np.asarray(self._embed(pixels))
 

@@ -103,7 +103,8 @@ def load(directory: str | Path) -> Backbone:
                     config["preprocessing"], crop_fraction=config["crop_fraction"],
                     weights_source=f"int8 of {meta['based_on']}, calibrated on "
                                    f"{meta['calibration']['images']} images",
-                    fingerprint=_fingerprint(directory, config), runtime="int8")
+                    fingerprint=_fingerprint(directory, config), runtime="int8",
+                    numpy_model=True)
 
 
 def quantize(base: Backbone, tflite_path: Path, pixels: np.ndarray, directory: str | Path,

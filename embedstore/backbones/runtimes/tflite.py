@@ -163,7 +163,7 @@ def _tflite_backbone(path: Path, meta: dict, threads: int | None) -> Backbone:
     return Backbone(meta["name"], TFLiteRunner(path, threads), meta["input_size"], meta["dim"],
                     meta["preprocessing"], crop_fraction=meta["crop_fraction"],
                     weights_source=meta["weights_source"], fingerprint=meta["fingerprint"],
-                    runtime="tflite")
+                    runtime="tflite", numpy_model=True)
 
 
 def _interpreter_class():
