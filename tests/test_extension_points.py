@@ -235,6 +235,25 @@ def test_a_head_holding_scikit_learn_estimators_saves_them_without_pickle(tmp_pa
     assert not (tmp_path / "locked").exists()
 
 
+def test_a_head_subclassing_a_registered_one_is_saved_under_its_own_name(tmp_path,
+                                                                         monkeypatch):
+    from embedstore import heads
+    from embedstore.headdir import load_head, read_manifest
+    from embedstore.training import train
+
+    source = ("from embedstore.heads.logreg import LogRegHead\n\n\n"
+              "class BalancedHead(LogRegHead):\n"
+              "    def __init__(self, C=0.1, Cs=(0.001, 0.01, 0.1, 1.0), cv=3, max_iter=40,\n"
+              "                 tol=1e-4, class_weight='balanced'):\n"
+              "        super().__init__(C, Cs, cv, max_iter, tol, class_weight)\n\n\n"
+              "HEAD = BalancedHead\n")
+    module = _scratch_module(tmp_path, monkeypatch, "balanced_head", source)
+    monkeypatch.setitem(heads._MODULES, "balanced", module)
+    train(_separable_store(tmp_path / "t.h5"), tmp_path / "head", head="balanced")
+    assert read_manifest(tmp_path / "head").head == "balanced"
+    assert type(load_head(tmp_path / "head")).__name__ == "BalancedHead"
+
+
 @pytest.mark.tf  # the export module imports Keras
 def test_a_head_without_an_export_layer_is_refused_in_one_line(tmp_path, monkeypatch):
     from embedstore import heads

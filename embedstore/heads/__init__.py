@@ -63,7 +63,11 @@ def validate_head_params(kind: str, params: dict) -> None:
 
 
 def head_kind(head: EmbeddingHead) -> str:
-    """The registry name of a head object."""
+    """The registry name of a head object: its own class's (a registered head may subclass
+    another), else the nearest registered base class's."""
+    for name, cls in HEADS.items():
+        if type(head) is cls:
+            return name
     for name, cls in HEADS.items():
         if isinstance(head, cls):
             return name
