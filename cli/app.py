@@ -380,8 +380,8 @@ class _HeadCommand(click.Command):
         from embedstore.heads import HEADS
 
         if tuple(HEADS) != self.read_from:  # once per process (tests swap registries)
-            self.read_from = tuple(HEADS)
             self._read_heads()
+            self.read_from = tuple(HEADS)
         return super().get_params(ctx)
 
     def _read_heads(self) -> None:
@@ -394,6 +394,12 @@ class _HeadCommand(click.Command):
         options = [click.Option([o.flag, o.param], default=None, help=_flag_help(o, self.multi),
                                 metavar=f"{o.metavar}[,...]" if self.multi else o.metavar)
                    for o in head_options().values()]
+        own = {name for p in self.own_params for name in (*p.opts, p.name)}
+        for option in options:  # a head's option would shadow one of the command's own
+            if own & {*option.opts, option.name}:
+                raise click.ClickException(
+                    f"a head's option {option.opts[0]} ({option.name}) clashes with "
+                    f"`{self.name}`'s own options; rename it in the head's HeadOption")
         at = [p.name for p in self.own_params].index("seed") + 1  # after the split's options
         self.params = self.own_params[:at] + options + self.own_params[at:]
 

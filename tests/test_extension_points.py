@@ -235,6 +235,21 @@ def test_a_head_holding_scikit_learn_estimators_saves_them_without_pickle(tmp_pa
     assert not (tmp_path / "locked").exists()
 
 
+def test_a_head_option_that_would_shadow_a_command_option_is_refused(tmp_path, monkeypatch):
+    from embedstore import heads
+
+    source = ("from embedstore.heads import options as opt\n"
+              "from embedstore.heads.knn import KNNHead\n\n\n"
+              "class SeededHead(KNNHead):\n"
+              "    options = (opt.HeadOption('--seed', 'random_state', 'INTEGER', 'seed', int),)\n"
+              "\n\nHEAD = SeededHead\n")
+    monkeypatch.setitem(heads._MODULES, "seeded",
+                        _scratch_module(tmp_path, monkeypatch, "seeded_head", source))
+    for command in ("train", "sweep"):
+        result = CliRunner().invoke(cli, [command, "--help"])
+        assert result.exit_code == 1 and "--seed (random_state) clashes with" in result.output
+
+
 def test_a_head_subclassing_a_registered_one_is_saved_under_its_own_name(tmp_path,
                                                                          monkeypatch):
     from embedstore import heads
