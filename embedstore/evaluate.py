@@ -1,8 +1,6 @@
 """Metrics, reports and plots for a classifier's probabilities (arrays in), and
 `evaluate_head`, which scores a head directory on its validation split or a test store."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import NotRequired, TypedDict
 

@@ -4,8 +4,6 @@ store -> split (embedstore.splits) -> head -> metrics, written as a head
 directory by embedstore.headdir.
 """
 
-from __future__ import annotations
-
 import itertools
 import time
 from collections.abc import Callable
@@ -114,8 +112,9 @@ def _metrics_json(metrics: TrainResult) -> dict:
 
 
 def _calibrate(model: EmbeddingHead, split: Split) -> dict:
-    """Temperature scaling on the validation split (logreg and dense heads), with the
-    expected calibration error before and after; {} when there is nothing to fit on."""
+    """Temperature scaling on the validation split, for a head whose probabilities are a
+    softmax (`calibrated`), with the expected calibration error before and after; {} when
+    the head is not one or there is nothing to fit on."""
     if not model.calibrated or len(split.y_val) < 4:
         return {}
     y = np.searchsorted(model.classes_, split.y_val)

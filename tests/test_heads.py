@@ -279,3 +279,19 @@ def test_a_planted_pickle_is_never_loaded(sample_store, tmp_path):
     with pytest.raises(HeadDirError, match="pickle .* not loaded; retrain"):
         load_head(out)
     assert not marker.exists()
+
+
+def test_train_sweep_and_evaluate_results_have_the_keys_their_types_name(tmp_path):
+    from embedstore.evaluate import Evaluation
+    from embedstore.training import HeadMetrics, TrainResult, sweep
+
+    def shaped_as(result, typed) -> bool:
+        keys = set(result)
+        return typed.__required_keys__ <= keys <= typed.__required_keys__ | typed.__optional_keys__
+
+    store = _store(tmp_path, [0, 1, 2, 3, 4, 5] * 10, lambda x: "abcdef"[x])
+    trained = train(store, tmp_path / "h", val_fraction=0.3)
+    assert shaped_as(trained, TrainResult) and "val_top5_accuracy" in trained
+    board = sweep(store, [("logreg", {}), ("knn", {"k": 3})])
+    assert all(shaped_as(m, HeadMetrics) for m in board)
+    assert shaped_as(evaluate_head(tmp_path / "h", plots=False), Evaluation)
