@@ -37,7 +37,13 @@ class _Registry(Mapping[str, "type[EmbeddingHead]"]):
     def __getitem__(self, name: str) -> type[EmbeddingHead]:
         if name not in _MODULES:
             raise KeyError(name)
-        return importlib.import_module(_MODULES[name]).HEAD
+        from embedstore.heads.base import EmbeddingHead
+
+        head = getattr(importlib.import_module(_MODULES[name]), "HEAD", None)
+        if not (isinstance(head, type) and issubclass(head, EmbeddingHead)):
+            raise TypeError(f"head {name!r}: module {_MODULES[name]} needs "
+                            "HEAD = <an EmbeddingHead subclass>")
+        return head
 
     def __iter__(self) -> Iterator[str]:
         return iter(_MODULES)

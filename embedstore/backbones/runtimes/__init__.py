@@ -66,7 +66,11 @@ class Preparation:
 def get_runtime(name: str) -> Runtime:
     if name not in _MODULES:
         raise BackboneError(f"unknown runtime {name!r}; use one of: {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name]).RUNTIME
+    runtime = getattr(importlib.import_module(_MODULES[name]), "RUNTIME", None)
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime {name!r}: module {_MODULES[name]} needs "
+                        "RUNTIME = Runtime(...)")
+    return runtime
 
 
 def load_for_inference(name: str = "mobilenet_v2", runtime: str = DEFAULT_RUNTIME,
