@@ -192,7 +192,8 @@ def test_auto_on_a_gpu_keeps_mixed_precision_only_where_the_vectors_stay(monkeyp
     rng = np.random.default_rng(0)
     bent = Backbone(backbone.name, lambda x: backbone.embed(x) * (1 + noise * rng.standard_normal(
         (len(x), 1280))).astype(np.float32), 224, 1280, backbone.preprocessing, 0.875,
-        backbone.weights_source, fingerprint=backbone.fingerprint, runtime="tflite")
+        backbone.weights_source, fingerprint=backbone.fingerprint, runtime="tflite",
+        numpy_model=True)
     monkeypatch.setattr(auto, "_mixed_precision", lambda name: bent)
     said: list[str] = []
     got = load_for_inference("mobilenet_v2", "auto", say=said.append)
