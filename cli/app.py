@@ -388,7 +388,7 @@ class _HeadCommand(click.Command):
         from embedstore.heads import HEADS, head_options
 
         head = next(p for p in self.own_params if p.name in ("head", "heads"))
-        kinds = "; ".join(f"{name}: {cls.summary}" for name, cls in HEADS.items())
+        kinds = "; ".join(f"{name}: {_summary(cls)}" for name, cls in HEADS.items())
         head.help = (f"Head type to include; repeat for several [default: all]. {kinds}."
                      if self.multi else f"{kinds}.")
         options = [click.Option([o.flag, o.param], default=None, help=_flag_help(o, self.multi),
@@ -402,6 +402,12 @@ class _HeadCommand(click.Command):
                     f"`{self.name}`'s own options; rename it in the head's HeadOption")
         at = [p.name for p in self.own_params].index("seed") + 1  # after the split's options
         self.params = self.own_params[:at] + options + self.own_params[at:]
+
+
+def _summary(head_class) -> str:
+    """A head's one line for --head's help: its summary, else its docstring's first line."""
+    doc = (head_class.__doc__ or "").strip()
+    return head_class.summary or (doc.splitlines()[0].rstrip(".") if doc else head_class.__name__)
 
 
 def _flag_help(option, multi: bool) -> str:

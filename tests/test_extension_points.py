@@ -305,9 +305,26 @@ def test_a_new_runtime_is_its_module_and_one_registry_line(small_tree, tmp_path,
         np.testing.assert_allclose(one.embeddings(), default.embeddings(), atol=1e-5)
 
 
+def test_a_runtime_whose_library_is_missing_is_listed_and_refused_in_one_line(
+        small_tree, tmp_path, monkeypatch):
+    module = _scratch_module(tmp_path, monkeypatch, "missing_runtime",
+                             "import not_a_library_here  # noqa: F401\n")
+    monkeypatch.setitem(runtimes._MODULES, "onnx", module)
+    shown = " ".join(CliRunner().invoke(cli, ["extract", "--help"]).output.split())
+    assert "onnx: unavailable here (runtime 'onnx' needs not_a_library_here" in shown
+    result = CliRunner().invoke(cli, ["extract", str(small_tree), str(tmp_path / "s.h5"),
+                                      "--runtime", "onnx"])
+    message = str(result.exception)  # the one line `embedstore` prints
+    assert result.exit_code == 1 and "\n" not in message
+    assert "needs not_a_library_here, which is not installed" in message
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.fixture(autouse=True)
-def _registries_stay_as_shipped():
+def _registries_are_restored():
+    """Each test's registry line is undone after it (and a checkout with heads or
+    runtimes of its own passes too)."""
+    before = list(HEADS), list(runtimes._MODULES)
     yield
-    assert list(HEADS) == ["logreg", "dense", "knn"]
-    assert list(runtimes._MODULES) == ["auto", "tflite", "keras", "int8"]
+    assert (list(HEADS), list(runtimes._MODULES)) == before
 

@@ -66,7 +66,12 @@ class Preparation:
 def get_runtime(name: str) -> Runtime:
     if name not in _MODULES:
         raise BackboneError(f"unknown runtime {name!r}; use one of: {', '.join(_MODULES)}")
-    runtime = getattr(importlib.import_module(_MODULES[name]), "RUNTIME", None)
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as exc:  # a runtime whose library is not installed here
+        raise BackboneError(f"runtime {name!r} needs {exc.name or exc}, which is not "
+                            "installed; install it, or choose another --runtime") from None
+    runtime = getattr(module, "RUNTIME", None)
     if not isinstance(runtime, Runtime):
         raise TypeError(f"runtime {name!r}: module {_MODULES[name]} needs "
                         "RUNTIME = Runtime(...)")
@@ -102,9 +107,19 @@ def load_for_store(name: str, runtime: str, preparation: Preparation,
 def runtime_choices(extract: bool = False) -> list[str]:
     """The --runtime choices: every registered runtime (`predict` leaves out the ones only
     `extract` can start)."""
-    return [n for n in _MODULES if extract or not get_runtime(n).extract_only]
+    return [n for n in _MODULES if extract or not _described(n)[1]]
 
 
 def runtime_help(extract: bool = False) -> str:
     """What --runtime says: each choice's summary, from the registry."""
-    return "; ".join(f"{n}: {get_runtime(n).summary}" for n in runtime_choices(extract)) + "."
+    return "; ".join(f"{n}: {_described(n)[0]}" for n in runtime_choices(extract)) + "."
+
+
+def _described(name: str) -> tuple[str, bool]:
+    """(summary, extract_only) of a runtime, for help: one whose library is missing is
+    still listed (choosing it says what to install)."""
+    try:
+        runtime = get_runtime(name)
+    except BackboneError as exc:
+        return f"unavailable here ({exc})", False
+    return runtime.summary, runtime.extract_only
