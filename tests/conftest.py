@@ -119,6 +119,30 @@ def sample_store(tmp_path_factory, backbone) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def heads(sample_store, tmp_path_factory) -> Path:
+    """One head of each kind trained on the sample, shared by the predict and export tests
+    (they read the heads, and copy one before changing it)."""
+    from embedstore.training import train
+
+    root = tmp_path_factory.mktemp("heads")
+    train(sample_store, root / "logreg", head="logreg")
+    train(sample_store, root / "dense", head="dense", hidden=(64,), epochs=8)
+    train(sample_store, root / "knn", head="knn", k=5, weights="distance")
+    return root
+
+
+def labelled_store(path: Path, X: np.ndarray, labels: list) -> Path:
+    """A store of the vectors X under a made-up backbone: row i is i.png, with label
+    labels[i] (None: unlabelled)."""
+    from embedstore.store import StoreWriter
+
+    n, dim = X.shape
+    with StoreWriter(path, {"name": "t", "fingerprint": "0" * 64, "dim": dim, "config": {}}) as w:
+        w.add(X, [f"{i}.png" for i in range(n)], [f"{i:064x}" for i in range(n)], labels)
+    return path
+
+
 def photo(seed: int = 0, size=(96, 64)) -> Image.Image:
     """A small image with structure (gradients and a block), different per seed."""
     rng = np.random.default_rng(seed)

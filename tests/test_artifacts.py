@@ -28,15 +28,6 @@ from tests.conftest import REPO, SAMPLE
 FILES = sorted(SAMPLE.glob("*/*.png"))[::50]  # 6 images across classes
 
 
-@pytest.fixture(scope="module")
-def heads(sample_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("heads")
-    train(sample_store, root / "logreg", head="logreg")
-    train(sample_store, root / "dense", head="dense", hidden=(32,), epochs=4)
-    train(sample_store, root / "knn", head="knn", k=5)
-    return root
-
-
 # --- heads and backbone directories move with their folders --------------------------
 
 @pytest.fixture(scope="module")

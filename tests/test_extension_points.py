@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from embedstore.backbones import runtimes
 from embedstore.heads import HEADS
 from embedstore_cli.app import cli
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, labelled_store
 
 CENTROID_HEAD = '''
 """centroid: softmax of the cosine similarity to each class's mean embedding."""
@@ -192,16 +192,9 @@ def test_a_new_head_is_its_module_and_one_registry_line(sample_store, tmp_path, 
 
 
 def _separable_store(path):
-    from embedstore.store import StoreWriter
-
-    rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 20)
-    X = rng.normal(size=(60, 8)) + 3 * np.eye(8)[labels]
-    meta = {"name": "t", "fingerprint": "0" * 64, "dim": 8, "config": {}}
-    with StoreWriter(path, meta) as w:
-        w.add(X, [f"{i}.png" for i in range(60)], [f"{i:064x}" for i in range(60)],
-              ["abc"[c] for c in labels])
-    return path
+    X = np.random.default_rng(0).normal(size=(60, 8)) + 3 * np.eye(8)[labels]
+    return labelled_store(path, X, ["abc"[c] for c in labels])
 
 
 def test_a_head_holding_scikit_learn_estimators_saves_them_without_pickle(tmp_path,

@@ -16,9 +16,9 @@ from embedstore.backbones import BackboneError
 from embedstore.evaluate import EvaluationError, evaluate_head
 from embedstore.headdir import HeadDirError, load_head, read_manifest
 from embedstore.splits import SplitError, conflicting_duplicates, load_split, validation_mask
-from embedstore.store import StoreWriter
 from embedstore.training import train
 from embedstore_cli.app import cli
+from tests.conftest import labelled_store
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +183,8 @@ def test_train_cli_refuses_options_of_another_head(sample_store, tmp_path):
 
 
 def _store(tmp_path, labels, classes_of):
-    store = tmp_path / "t.h5"
-    meta = {"name": "t", "fingerprint": "0" * 64, "dim": 3, "config": {}}
-    with StoreWriter(store, meta) as w:
-        n = len(labels)
-        w.add(np.random.default_rng(0).normal(size=(n, 3)), [f"{i}.png" for i in range(n)],
-              [f"{i:064x}" for i in range(n)], [classes_of(x) for x in labels])
-    return store
+    X = np.random.default_rng(0).normal(size=(len(labels), 3))
+    return labelled_store(tmp_path / "t.h5", X, [classes_of(x) for x in labels])
 
 
 def test_bad_training_stores_get_clear_errors(tmp_path):

@@ -14,20 +14,10 @@ from PIL import Image
 import embedstore.prediction as predict_module
 from embedstore.exporting import ExportError, export
 from embedstore.pipeline import Resizer, decode_image
-from embedstore.training import train
 from embedstore_cli.app import cli
 from tests.conftest import SAMPLE, photo
 
 FILES = sorted(SAMPLE.glob("*/*.png"))[::50]  # 6 images across classes
-
-
-@pytest.fixture(scope="module")
-def heads(sample_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("heads")
-    train(sample_store, root / "logreg", head="logreg")
-    train(sample_store, root / "dense", head="dense", hidden=(64,), epochs=8)
-    train(sample_store, root / "knn", head="knn", k=5, weights="distance")
-    return root
 
 
 def _cli_predict(*args) -> tuple[int, list]:
